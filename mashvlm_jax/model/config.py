@@ -1,0 +1,193 @@
+"""Typed, validated model configuration built from the ``config.model`` ConfigDict.
+
+The ml_collections files in ``configs/`` are what users edit; these frozen dataclasses are
+what modules receive. ``ModelConfig.from_dict`` rejects unknown or missing keys by name, so
+a typo in a config file or a ``--config.model.X=...`` override fails before any tracing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from mashvlm_jax import layout
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+PROJECTORS = ("linear", "mlp2x_gelu")
+VISION_ACTS = ("quick_gelu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """CLIP ViT (HuggingFace CLIPVisionModel semantics)."""
+  image_size: int = 224
+  patch_size: int = 14
+  hidden_size: int = 1024
+  num_layers: int = 24
+  num_heads: int = 16
+  intermediate_size: int = 4096
+  layer_norm_eps: float = 1e-5
+  hidden_act: str = "quick_gelu"
+  # Index into HF's hidden_states tuple (0 = embeddings after pre-LN, i = after layer i;
+  # negative counts from the end, -2 = penultimate layer as in LLaVA/MASH-VLM).
+  feature_layer: int = -2
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def layers_to_run(self) -> int:
+    """How many encoder layers produce the selected hidden state."""
+    return self.feature_layer if self.feature_layer >= 0 else (
+        self.num_layers + 1 + self.feature_layer)
+
+  def validate(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f"vision.image_size={self.image_size} is not a multiple of "
+                       f"vision.patch_size={self.patch_size}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"vision.hidden_size={self.hidden_size} is not divisible by "
+                       f"vision.num_heads={self.num_heads}")
+    if not 0 <= self.layers_to_run <= self.num_layers:
+      raise ValueError(f"vision.feature_layer={self.feature_layer} is outside "
+                       f"[-{self.num_layers + 1}, {self.num_layers}]")
+    if self.hidden_act not in VISION_ACTS:
+      raise ValueError(f"vision.hidden_act must be one of {VISION_ACTS}, "
+                       f"found {self.hidden_act!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """LLaMA-family decoder (HuggingFace LlamaForCausalLM semantics)."""
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 0  # 0 = hidden_size // num_heads
+  rope_theta: float = 10000.0
+  rope_scaling: tuple | None = None  # HF rope_scaling dict as sorted (key, value) pairs
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def rope_scaling_dict(self) -> dict | None:
+    return dict(self.rope_scaling) if self.rope_scaling else None
+
+  def validate(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"llm.num_heads={self.num_heads} must be a multiple of "
+                       f"llm.num_kv_heads={self.num_kv_heads}")
+    if not self.head_dim and self.hidden_size % self.num_heads:
+      raise ValueError(f"llm.hidden_size={self.hidden_size} is not divisible by "
+                       f"llm.num_heads={self.num_heads}; set llm.head_dim")
+    if self.dim_per_head % 2:
+      raise ValueError(f"llm head dim must be even for rotary pairs, found "
+                       f"{self.dim_per_head}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskConfig:
+  """dst_mask switches (layout.dst_mask); defaults are MASH-VLM's DST attention."""
+  temporal: str = "causal"
+  spatial: str = "bidirectional"
+  temporal_sees_spatial: bool = False
+  spatial_sees_temporal: bool = False
+
+  def as_kwargs(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def validate(self):
+    for name in ("temporal", "spatial"):
+      if getattr(self, name) not in layout.ATTENTION_KINDS:
+        raise ValueError(f"mask.{name} must be one of {layout.ATTENTION_KINDS}, "
+                         f"found {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vision: VisionConfig = VisionConfig()
+  llm: LlamaConfig = LlamaConfig()
+  mask: MaskConfig = MaskConfig()
+  projector: str = "mlp2x_gelu"
+  num_frames: int = 16
+  rope_mode: str = "harmonic"
+  freeze_vision: bool = True  # stop gradients into the vision tower (paper: frozen CLIP)
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat_policy: str = "none"
+  attention_backend: str = "dense"
+
+  @property
+  def video_token_counts(self) -> tuple[int, int]:
+    return layout.video_token_counts(self.num_frames, self.vision.grid)
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def validate(self) -> "ModelConfig":
+    self.vision.validate()
+    self.llm.validate()
+    self.mask.validate()
+    self.video_token_counts  # raises on bad frame count / odd grid
+    checks = {"projector": PROJECTORS, "rope_mode": layout.ROPE_MODES,
+              "remat_policy": REMAT_POLICIES, "dtype": tuple(DTYPES),
+              "param_dtype": tuple(DTYPES)}
+    for name, allowed in checks.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name} must be one of {allowed}, "
+                         f"found {getattr(self, name)!r}")
+    return self
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """Builds from ``config.model`` (a ConfigDict or dict); unknown keys are an error."""
+    d = _plain(d)
+    kwargs = _take_fields(cls, d, "model")
+    sections = {"vision": VisionConfig, "llm": LlamaConfig, "mask": MaskConfig}
+    for name, sub in sections.items():
+      if name in kwargs:
+        sub_kwargs = _take_fields(sub, kwargs[name], f"model.{name}")
+        if name == "llm" and sub_kwargs.get("rope_scaling"):
+          sub_kwargs["rope_scaling"] = tuple(sorted(dict(sub_kwargs["rope_scaling"]).items()))
+        kwargs[name] = sub(**sub_kwargs)
+    return cls(**kwargs).validate()
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    if d["llm"]["rope_scaling"]:
+      d["llm"]["rope_scaling"] = dict(d["llm"]["rope_scaling"])
+    return d
+
+
+def _plain(d):
+  return d.to_dict() if hasattr(d, "to_dict") else dict(d)
+
+
+def _take_fields(cls, d, where: str) -> dict:
+  d = _plain(d)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"unknown config key(s) {', '.join(where + '.' + k for k in unknown)}; "
+                     f"known keys of {where}: {', '.join(sorted(names))}")
+  return dict(d)

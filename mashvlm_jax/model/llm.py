@@ -1,0 +1,184 @@
+"""LLaMA-family decoder (HuggingFace LlamaForCausalLM semantics) with two-stream RoPE.
+
+RMSNorm, SwiGLU MLP, grouped-query attention, configurable rope_theta / rope_scaling,
+optional tied embeddings. The rotary embedding takes position ids int[B, 2, S]
+(``layout.position_ids``) and the attention takes a bool mask (``layout.dst_mask``); with
+distinct ids and a plain causal mask this is exactly LLaMA. Layers run under ``nn.scan``
+(parameters stacked on a leading ``layers`` axis) with a configurable remat policy.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mashvlm_jax.model import attention as attention_lib
+from mashvlm_jax.model import rope
+from mashvlm_jax.model.config import LlamaConfig
+
+Dtype = jnp.dtype
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def partitioned(init, axes):
+  """Initializer carrying logical axis names (mapped to mesh axes in train/sharding.py)."""
+  return nn.with_logical_partitioning(init, axes)
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) in float32, then scale * result in the input dtype."""
+  eps: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with rotary embedding; q/k/v kernels [D, heads, d]."""
+  cfg: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  backend: str = "dense"
+
+  @nn.compact
+  def __call__(self, x, angles, mask):
+    cfg = self.cfg
+    dense = functools.partial(nn.DenseGeneral, use_bias=cfg.attention_bias, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    head_dim = cfg.dim_per_head
+    q = dense((cfg.num_heads, head_dim), name="q_proj",
+              kernel_init=partitioned(_INIT, ("embed", "heads", "kv")))(x)
+    k = dense((cfg.num_kv_heads, head_dim), name="k_proj",
+              kernel_init=partitioned(_INIT, ("embed", "kv_heads", "kv")))(x)
+    v = dense((cfg.num_kv_heads, head_dim), name="v_proj",
+              kernel_init=partitioned(_INIT, ("embed", "kv_heads", "kv")))(x)
+    q = rope.apply_rotary(q, angles)
+    k = rope.apply_rotary(k, angles)
+    out = attention_lib.attend(q, k, v, mask, backend=self.backend)
+    return dense(x.shape[-1], axis=(-2, -1), name="o_proj",
+                 kernel_init=partitioned(_INIT, ("heads", "kv", "embed")))(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  cfg: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(nn.Dense, use_bias=self.cfg.mlp_bias, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    up_init = partitioned(_INIT, ("embed", "mlp"))
+    gate = dense(self.cfg.intermediate_size, name="gate_proj", kernel_init=up_init)(x)
+    up = dense(self.cfg.intermediate_size, name="up_proj", kernel_init=up_init)(x)
+    return dense(x.shape[-1], name="down_proj",
+                 kernel_init=partitioned(_INIT, ("mlp", "embed")))(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  cfg: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  backend: str = "dense"
+
+  @nn.compact
+  def __call__(self, x, angles, mask):
+    norm = functools.partial(RMSNorm, eps=self.cfg.rms_norm_eps, param_dtype=self.param_dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    h = x + Attention(self.cfg, self.dtype, self.param_dtype, self.backend, name="self_attn")(
+        norm(name="input_layernorm")(x), angles, mask)
+    out = h + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(
+        norm(name="post_attention_layernorm")(h))
+    return out, None
+
+
+def scanned(layer_cls, num_layers: int, remat_policy: str, num_broadcast: int, **kwargs):
+  """``layer_cls`` stacked ``num_layers`` times under nn.scan, optionally rematerialised.
+
+  The layer's first argument is the scan carry; the next ``num_broadcast`` arguments are
+  shared by every layer. Parameters gain a leading ``layers`` axis.
+  """
+  if remat_policy != "none":
+    layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+  return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast,) * num_broadcast, length=num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs)
+
+
+class LlamaDecoder(nn.Module):
+  """Token embedding, the stack of decoder layers, final norm and LM head."""
+  cfg: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
+  attention_backend: str = "dense"
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+        embedding_init=partitioned(_INIT, ("vocab", "embed")))
+    self.layers = scanned(DecoderLayer, cfg.num_layers, self.remat_policy, 2, cfg=cfg,
+                          dtype=self.dtype, param_dtype=self.param_dtype,
+                          backend=self.attention_backend)
+    self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              kernel_init=partitioned(_INIT, ("embed", "vocab")))
+    self.inv_freq = rope.inverse_frequencies(cfg.dim_per_head, cfg.rope_theta,
+                                             cfg.rope_scaling_dict)
+
+  def embed(self, token_ids):
+    """int[B, L] -> [B, L, D] in the compute dtype."""
+    return self.embed_tokens(token_ids)
+
+  def __call__(self, inputs_embeds, position_ids, mask):
+    """Final-normed hidden states [B, S, D].
+
+    Args:
+      inputs_embeds: [B, S, D].
+      position_ids: int[B, 2, S] (row 0: even rotary pairs, row 1: odd pairs).
+      mask: bool[B, S, S] or [S, S], True = query may attend key.
+    """
+    angles = rope.rotary_angles(position_ids, self.inv_freq)
+    h, _ = self.layers(inputs_embeds.astype(self.dtype), angles, mask)
+    return self.norm(h)
+
+  def logits(self, hidden):
+    """[B, S, D] -> float32 logits [B, S, vocab]."""
+    if self.cfg.tie_word_embeddings:
+      out = self.embed_tokens.attend(hidden)
+    else:
+      out = self.lm_head(hidden)
+    return out.astype(jnp.float32)
+
+  def causal_lm(self, token_ids, attention_mask=None):
+    """Plain text LLaMA: int[B, L] -> logits [B, L, vocab] with causal attention.
+
+    ``attention_mask`` bool[B, L] (True = real token) marks right padding.
+    """
+    from mashvlm_jax import layout  # local: layout is numpy-first, cheap to import
+    if attention_mask is None:
+      attention_mask = jnp.ones(token_ids.shape, bool)
+    types = layout.text_token_types(attention_mask, 0, 0)
+    ids = layout.position_ids(types, "distinct")
+    mask = layout.dst_mask(types, **layout.plain_causal_switches())
+    return self.logits(self(self.embed(token_ids), ids, mask))
+

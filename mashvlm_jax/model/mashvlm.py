@@ -1,0 +1,101 @@
+"""The full MASH-VLM: CLIP ViT -> projector -> video token builder -> LLaMA with
+Harmonic-RoPE and DST attention.
+
+frames [B, T, H, W, 3] + text ids [B, L] -> logits over the text positions [B, L, vocab].
+Each row is laid out ``[temporal M][spatial N][text L]`` (layout.py).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mashvlm_jax import layout
+from mashvlm_jax.model.config import ModelConfig
+from mashvlm_jax.model.llm import LlamaDecoder
+from mashvlm_jax.model.projector import Projector
+from mashvlm_jax.model.video_tokens import build_video_tokens
+from mashvlm_jax.model.vision import ClipVisionEncoder, normalize_frames
+
+
+class MashVLM(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    self.vision_tower = ClipVisionEncoder(cfg.vision, remat_policy=cfg.remat_policy, **common)
+    self.projector = Projector(cfg.llm.hidden_size, cfg.projector, **common)
+    self.language_model = LlamaDecoder(cfg.llm, remat_policy=cfg.remat_policy,
+                                       attention_backend=cfg.attention_backend, **common)
+
+  def video_tokens(self, frames):
+    """frames uint8 (0..255) or CLIP-normalised float [B, T, H, W, 3] ->
+    (temporal [B, M, D], spatial [B, N, D])."""
+    cfg = self.cfg
+    if frames.ndim != 5 or frames.shape[1] != cfg.num_frames:
+      raise ValueError(f"frames must be [B, T={cfg.num_frames}, H, W, 3], "
+                       f"found shape {frames.shape}")
+    batch, num_frames = frames.shape[:2]
+    pixels = frames.reshape((-1,) + frames.shape[2:])
+    if frames.dtype == jnp.uint8:
+      pixels = normalize_frames(pixels, cfg.compute_dtype)
+    feats = self.vision_tower(pixels)
+    cls, patches = feats["cls"], feats["patches"]
+    if cfg.freeze_vision:
+      cls, patches = jax.lax.stop_gradient(cls), jax.lax.stop_gradient(patches)
+    cls = self.projector(cls).reshape(batch, num_frames, -1)
+    patches = self.projector(patches).reshape(batch, num_frames, patches.shape[1], -1)
+    grid = (cfg.vision.grid, cfg.vision.grid)
+    return build_video_tokens(cls, patches, grid)
+
+  def sequence(self, frames, text_ids, text_mask=None):
+    """Inputs of the decoder: embeds [B, S, D], types int[B, S], position ids int[B, 2, S]
+    and mask bool[B, S, S], with S = M + N + L."""
+    if text_mask is None:
+      text_mask = jnp.ones(text_ids.shape, bool)
+    temporal, spatial = self.video_tokens(frames)
+    text = self.language_model.embed(text_ids)
+    embeds = jnp.concatenate([temporal.astype(text.dtype), spatial.astype(text.dtype), text],
+                             axis=1)
+    types = layout.text_token_types(text_mask, temporal.shape[1], spatial.shape[1])
+    ids = layout.position_ids(types, self.cfg.rope_mode)
+    mask = layout.dst_mask(types, **self.cfg.mask.as_kwargs())
+    return embeds, types, ids, mask
+
+  def __call__(self, frames, text_ids, text_mask=None):
+    """Logits float32 [B, L, vocab] at the text positions.
+
+    Args:
+      frames: uint8 [B, T, H, W, 3] (or CLIP-normalised float).
+      text_ids: int[B, L] chat text token ids, right-padded.
+      text_mask: optional bool[B, L], True for real tokens (default: all real).
+    """
+    embeds, _, ids, mask = self.sequence(frames, text_ids, text_mask)
+    hidden = self.language_model(embeds, ids, mask)
+    return self.language_model.logits(hidden[:, -text_ids.shape[1]:])
+
+
+def dummy_inputs(cfg: ModelConfig, batch: int = 1, text_len: int = 8):
+  """Zero inputs of the right shapes and dtypes, for init and eval_shape."""
+  size = cfg.vision.image_size
+  frames = jnp.zeros((batch, cfg.num_frames, size, size, 3), jnp.uint8)
+  return frames, jnp.zeros((batch, text_len), jnp.int32)
+
+
+def init_params(cfg: ModelConfig, rng, batch: int = 1, text_len: int = 8):
+  """Randomly initialised parameters (boxed with logical axis names), built under jit."""
+  init = lambda key: MashVLM(cfg).init(key, *dummy_inputs(cfg, batch, text_len))["params"]
+  return jax.jit(init)(rng)
+
+
+def abstract_params(cfg: ModelConfig):
+  """Parameter shapes/dtypes without allocating memory (jax.eval_shape)."""
+  return jax.eval_shape(lambda rng: init_params(cfg, rng), jax.random.PRNGKey(0))
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a parameter tree (boxed or plain, concrete or abstract)."""
+  leaves = jax.tree_util.tree_leaves(nn.unbox(tree))
+  return int(sum(np.prod(x.shape) for x in leaves))

@@ -1,0 +1,118 @@
+"""CLIP ViT vision encoder with HuggingFace ``CLIPVisionModel`` semantics.
+
+Patch conv (no bias) + class token + learned positions -> pre-layernorm -> pre-LN
+transformer layers (quick_gelu MLP) -> post-layernorm on the class token (pooled output).
+The features MASH-VLM uses come from ``feature_layer``, an index into HF's
+``hidden_states`` tuple (-2 = penultimate layer), not from the pooled output.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mashvlm_jax.model import attention as attention_lib
+from mashvlm_jax.model.config import VisionConfig
+from mashvlm_jax.model.llm import partitioned, scanned
+
+Dtype = jnp.dtype
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def normalize_frames(frames_uint8: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
+  """uint8 [..., H, W, 3] in 0..255 -> CLIP-normalised float [..., H, W, 3]."""
+  x = frames_uint8.astype(jnp.float32) / 255.0
+  return ((x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)).astype(dtype)
+
+
+def _activation(name):
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  return functools.partial(jax.nn.gelu, approximate=False)
+
+
+class VisionLayer(nn.Module):
+  """One pre-LN CLIP encoder layer; also tracks the hidden state at the selected layer.
+
+  Scan carry: (hidden [N, P+1, W], selected [N, P+1, W], layer index int32).
+  """
+  cfg: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, carry):
+    x, selected, index = carry
+    cfg = self.cfg
+    norm = functools.partial(nn.LayerNorm, epsilon=cfg.layer_norm_eps, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             scale_init=partitioned(nn.initializers.ones, ("norm",)),
+                             bias_init=partitioned(nn.initializers.zeros, ("norm",)))
+    dense = functools.partial(nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype,
+                              bias_init=nn.initializers.zeros)
+    heads = (cfg.num_heads, cfg.head_dim)
+    h = norm(name="layer_norm1")(x)
+    qkv_init = partitioned(_INIT, ("embed", "heads", "kv"))
+    q = dense(heads, name="q_proj", kernel_init=qkv_init)(h)
+    k = dense(heads, name="k_proj", kernel_init=qkv_init)(h)
+    v = dense(heads, name="v_proj", kernel_init=qkv_init)(h)
+    attn = attention_lib.dense_attention(q, k, v, mask=None)
+    x = x + dense(cfg.hidden_size, axis=(-2, -1), name="out_proj",
+                  kernel_init=partitioned(_INIT, ("heads", "kv", "embed")))(attn)
+    h = norm(name="layer_norm2")(x)
+    h = dense(cfg.intermediate_size, name="fc1",
+              kernel_init=partitioned(_INIT, ("embed", "mlp")))(h)
+    h = dense(cfg.hidden_size, name="fc2",
+              kernel_init=partitioned(_INIT, ("mlp", "embed")))(_activation(cfg.hidden_act)(h))
+    x = x + h
+    index = index + 1
+    selected = jnp.where(index == cfg.layers_to_run, x, selected)
+    return (x, selected, index), None
+
+
+class ClipVisionEncoder(nn.Module):
+  """pixels float [N, H, W, 3] (CLIP-normalised) -> dict of features.
+
+  Returns {"cls": [N, W], "patches": [N, P, W]} taken at ``cfg.feature_layer`` (P =
+  grid^2 patches in row-major order), and "pooled": post-layernorm of the last layer's
+  class token [N, W] (HF ``pooler_output``).
+  """
+  cfg: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, pixels):
+    cfg = self.cfg
+    if pixels.shape[-3:] != (cfg.image_size, cfg.image_size, 3):
+      raise ValueError(f"vision encoder expects frames of {cfg.image_size}x{cfg.image_size}"
+                       f"x3, found {pixels.shape[-3:]}")
+    norm = functools.partial(nn.LayerNorm, epsilon=cfg.layer_norm_eps, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             scale_init=partitioned(nn.initializers.ones, ("norm",)),
+                             bias_init=partitioned(nn.initializers.zeros, ("norm",)))
+    patches = nn.Conv(cfg.hidden_size, (cfg.patch_size, cfg.patch_size),
+                      strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
+                      use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=partitioned(_INIT, (None, None, None, "embed")),
+                      name="patch_embedding")(pixels.astype(self.dtype))
+    patches = patches.reshape(patches.shape[0], -1, cfg.hidden_size)
+    cls = self.param("class_embedding", partitioned(_INIT, ("embed",)), (cfg.hidden_size,),
+                     self.param_dtype)
+    positions = self.param("position_embedding", partitioned(_INIT, (None, "embed")),
+                           (cfg.grid ** 2 + 1, cfg.hidden_size), self.param_dtype)
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (patches.shape[0], 1, cfg.hidden_size))
+    x = jnp.concatenate([cls, patches], axis=1) + positions.astype(self.dtype)
+    x = norm(name="pre_layrnorm")(x)
+    layers = scanned(VisionLayer, cfg.num_layers, self.remat_policy, 0, cfg=cfg,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="layers")
+    (last, selected, _), _ = layers((x, x, jnp.zeros((), jnp.int32)))
+    pooled = norm(name="post_layernorm")(last[:, 0])
+    return {"cls": selected[:, 0], "patches": selected[:, 1:], "pooled": pooled}

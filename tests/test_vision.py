@@ -1,0 +1,43 @@
+"""CLIP ViT encoder against an independent numpy CLIP, at several feature layers."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mashvlm_jax.model.config import VisionConfig
+from mashvlm_jax.model.vision import ClipVisionEncoder, normalize_frames
+import reference
+
+
+@pytest.mark.parametrize("feature_layer", [-2, -1, 0, 1])
+def test_clip_matches_numpy(feature_layer):
+  cfg = VisionConfig(image_size=32, patch_size=8, hidden_size=24, num_layers=3, num_heads=3,
+                     intermediate_size=40, feature_layer=feature_layer)
+  model = ClipVisionEncoder(cfg)
+  pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(pixels))["params"])
+  params = jax.tree_util.tree_map(
+      lambda x: x + 0.05 * np.random.default_rng(x.size).normal(size=x.shape), params)
+  out = jax.jit(model.apply)({"params": params}, jnp.asarray(pixels))
+  for b in range(2):
+    state, pooled = reference.clip_vision(params, pixels[b].astype(np.float64), patch=8,
+                                          eps=cfg.layer_norm_eps, feature_layer=feature_layer)
+    np.testing.assert_allclose(out["cls"][b], state[0], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out["patches"][b], state[1:], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out["pooled"][b], pooled, atol=1e-4, rtol=1e-4)
+
+
+def test_wrong_frame_size_is_named():
+  cfg = VisionConfig(image_size=32, patch_size=8, hidden_size=24, num_layers=1, num_heads=3,
+                     intermediate_size=40)
+  with pytest.raises(ValueError, match="32x32x3"):
+    ClipVisionEncoder(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_normalize_frames():
+  frames = np.array([[[[0, 128, 255]]]], np.uint8)
+  got = np.asarray(normalize_frames(jnp.asarray(frames)))
+  mean = np.array([0.48145466, 0.4578275, 0.40821073])
+  std = np.array([0.26862954, 0.26130258, 0.27577711])
+  np.testing.assert_allclose(got[0, 0, 0], (np.array([0, 128, 255]) / 255 - mean) / std, rtol=1e-6)
