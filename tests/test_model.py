@@ -1,0 +1,124 @@
+"""The full MashVLM on the tiny config: jitted forward/grad with padding, plumbing against
+the numpy LLaMA, frozen vision tower, and parameter counts of the 7B config."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mashvlm_jax import layout
+from mashvlm_jax.model import mashvlm
+from mashvlm_jax.model.config import ModelConfig
+from conftest import load_config
+import reference
+
+
+def setup(arg=None, **overrides):
+  config = load_config("tiny_synthetic", arg)
+  config.model.update(overrides)
+  cfg = ModelConfig.from_dict(config.model)
+  params = nn.unbox(mashvlm.init_params(cfg, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, size=(2, 8, 64, 64, 3)).astype(np.uint8)
+  text = rng.integers(0, cfg.llm.vocab_size, size=(2, 12)).astype(np.int32)
+  text_mask = np.arange(12)[None] < np.array([[12], [7]])
+  return cfg, params, jnp.asarray(frames), jnp.asarray(text), jnp.asarray(text_mask)
+
+
+def xent(logits, targets, weights):
+  logp = jax.nn.log_softmax(logits)
+  nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  return jnp.sum(nll * weights) / jnp.sum(weights)
+
+
+@pytest.mark.parametrize("arg", [None, "dtype=bfloat16", "ablation=baseline"])
+def test_jit_forward_and_grad_finite_with_padding(arg):
+  cfg, params, frames, text, text_mask = setup(arg)
+  model = mashvlm.MashVLM(cfg)
+
+  @jax.jit
+  def loss_fn(p):
+    logits = model.apply({"params": p}, frames, text, text_mask)
+    return xent(logits[:, :-1], text[:, 1:], text_mask[:, 1:])
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  assert np.isfinite(loss) and loss > 0
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  assert all(np.isfinite(np.asarray(g, np.float32)).all() for _, g in leaves)
+  norms = {jax.tree_util.keystr(p): float(jnp.linalg.norm(g.astype(jnp.float32)))
+           for p, g in leaves}
+  # frozen CLIP: no gradient; projector and LLM learn
+  assert all(v == 0 for k, v in norms.items() if "vision_tower" in k)
+  assert norms["['projector']['linear_1']['kernel']"] > 0
+  assert norms["['language_model']['layers']['self_attn']['q_proj']['kernel']"] > 0
+
+
+def test_unfrozen_vision_gets_gradient():
+  cfg, params, frames, text, text_mask = setup(freeze_vision=False)
+  grads = jax.jit(jax.grad(
+      lambda p: mashvlm.MashVLM(cfg).apply({"params": p}, frames, text).sum()))(params)
+  assert float(jnp.abs(grads["vision_tower"]["layers"]["fc1"]["kernel"]).max()) > 0
+
+
+def test_padding_does_not_change_real_logits():
+  cfg, params, frames, text, text_mask = setup()
+  apply = jax.jit(mashvlm.MashVLM(cfg).apply)
+  padded = apply({"params": params}, frames, text, text_mask)
+  short = apply({"params": params}, frames[1:], text[1:, :7])
+  np.testing.assert_allclose(padded[1, :7], short[0], atol=1e-4, rtol=1e-4)
+  assert np.isfinite(np.asarray(padded)).all()
+
+
+@pytest.mark.parametrize("arg", ["ablation=mash", "ablation=baseline", "ablation=t6_disable_none"])
+def test_logits_equal_numpy_llama_over_the_sequence(arg):
+  """Ids, mask and text slicing inside MashVLM agree with layout + the numpy LLaMA."""
+  cfg, params, frames, text, text_mask = setup(arg)
+  model = mashvlm.MashVLM(cfg)
+  logits = jax.jit(model.apply)({"params": params}, frames, text, text_mask)
+  embeds, types, ids, mask = jax.jit(
+      lambda p: model.apply({"params": p}, frames, text, text_mask,
+                            method=mashvlm.MashVLM.sequence))(params)
+  m, n = cfg.video_token_counts
+  for row, length in ((0, 12), (1, 7)):
+    np.testing.assert_array_equal(types[row], layout.token_types(m, n, length, pad_to=m + n + 12))
+    s = m + n + length
+    want_ids = np.stack([reference.paper_ids(m, n, length)[i] for i in
+                         {"harmonic": (1, 0), "distinct": (0, 0)}[cfg.rope_mode]])
+    np.testing.assert_array_equal(ids[row, :, :s], want_ids)
+    _, want = reference.llama(params["language_model"], np.asarray(embeds[row, :s]),
+                              want_ids, np.asarray(mask[row, :s, :s]),
+                              theta=cfg.llm.rope_theta, eps=cfg.llm.rms_norm_eps, tied=False)
+    np.testing.assert_allclose(logits[row, :length], want[m + n:], atol=2e-4, rtol=1e-4)
+
+
+def test_remat_policies_agree():
+  cfg, params, frames, text, text_mask = setup()
+
+  def grad_fn(model_cfg):
+    loss = lambda p: mashvlm.MashVLM(model_cfg).apply({"params": p}, frames, text,
+                                                      text_mask).std()
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss, grads = grad_fn(cfg)
+  for policy in ("full", "dots"):
+    cfg2 = cfg.__class__(**{**cfg.__dict__, "remat_policy": policy})
+    loss2, grads2 = grad_fn(cfg2)
+    np.testing.assert_allclose(loss2, loss, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+                           grads2, grads)
+
+
+def test_7b_parameter_counts():
+  cfg = ModelConfig.from_dict(load_config("mashvlm_7b").model)
+  assert cfg.video_token_counts == (47, 256)
+  shapes = mashvlm.abstract_params(cfg)
+  llm = mashvlm.count_params(shapes["language_model"])
+  vision = mashvlm.count_params(shapes["vision_tower"])
+  assert abs(llm / 6.74e9 - 1) < 0.02, llm
+  assert abs(vision / 3.03e8 - 1) < 0.02, vision
+
+
+def test_wrong_frame_count_is_named():
+  cfg, params, frames, text, _ = setup()
+  with pytest.raises(ValueError, match="T=8"):
+    mashvlm.MashVLM(cfg).apply({"params": params}, frames[:, :5], text)
