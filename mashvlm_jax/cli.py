@@ -1,27 +1,37 @@
 """The ``mashvlm`` console script: ``mashvlm <command> [--flags]``.
 
-Each command lives in its own module, which defines its absl flags on import and a
-``main(argv)``; only the chosen command's module is imported, so flags never collide and
-start-up stays fast. ``--config=configs/NAME.py[:ARGS]`` with ``--config.KEY=VALUE``
-overrides is the ml_collections ``config_flags`` convention (big_vision, Scenic).
+Each command is a module ``mashvlm_jax/commands/<name>.py`` (command ``name`` with
+underscores written as dashes: ``import_hf.py`` -> ``mashvlm import-hf``) that defines its
+absl flags on import and a ``main(argv)``; the first line of its docstring is its help.
+Only the chosen command's module is imported, so flags never collide and ``mashvlm --help``
+needs no jax. ``--config=configs/NAME.py[:ARGS]`` with ``--config.KEY=VALUE`` overrides is
+the ml_collections ``config_flags`` convention (big_vision, Scenic).
 """
 from __future__ import annotations
 
+import ast
 import importlib
+import pathlib
 import sys
 
-# command -> (module defining flags and main(argv), one-line help)
-COMMANDS = {
-    "info": ("mashvlm_jax.commands.info",
-             "print a config's sequence layout and parameter counts; --forward runs a "
-             "jitted forward and gradient on random frames"),
-}
+COMMANDS_DIR = pathlib.Path(__file__).parent / "commands"
+
+
+def commands() -> dict[str, pathlib.Path]:
+  """command name -> module file, for every module in mashvlm_jax/commands/."""
+  return {p.stem.replace("_", "-"): p for p in sorted(COMMANDS_DIR.glob("*.py"))
+          if not p.stem.startswith("_")}
+
+
+def summary(path: pathlib.Path) -> str:
+  doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+  return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
 def usage() -> str:
   lines = ["usage: mashvlm <command> [--flags]   (mashvlm <command> --help for flags)", "",
            "commands:"]
-  lines += [f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()]
+  lines += [f"  {name:<16} {summary(path)}" for name, path in commands().items()]
   return "\n".join(lines)
 
 
@@ -31,10 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     print(usage())
     sys.exit(0 if len(argv) >= 2 else 2)
   command = argv[1]
-  if command not in COMMANDS:
+  if command not in commands():
     print(f"mashvlm: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
-  module = importlib.import_module(COMMANDS[command][0])
+  module = importlib.import_module(f"mashvlm_jax.commands.{command.replace('-', '_')}")
   from absl import app  # imported late: `mashvlm --help` needs no jax
   app.run(module.main, argv=[f"mashvlm {command}"] + argv[2:])
 

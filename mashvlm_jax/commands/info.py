@@ -1,6 +1,6 @@
-"""``mashvlm info --config=configs/NAME.py[:ARGS] [--forward]``.
+"""Print a config's sequence layout and parameter counts; --forward runs a jitted step.
 
-Prints the sequence layout (M, N, position ids, mask blocks), the parameter counts per
+``mashvlm info --config=configs/NAME.py[:ARGS] [--forward]`` prints the sequence layout (M, N, position ids, mask blocks), the parameter counts per
 tower (by ``jax.eval_shape``, no memory), and with ``--forward`` initialises the model and
 runs a jitted forward and gradient on random uint8 frames with a padded batch.
 """
