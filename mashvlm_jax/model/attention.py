@@ -1,17 +1,97 @@
 """Masked multi-head attention with grouped-query heads: one entry point, several backends.
 
-``attend`` is the single call site for every layer. This module holds the dense XLA
-backend, the reference that every faster backend (splash on TPU, flash on GPU) must match.
+``attend`` is the single call site for every layer. Backends:
+- "dense": XLA softmax over a materialised bool mask; the reference every faster backend
+  must match (DESIGN.md, "Fast backends must equal the dense reference").
+- "splash": TPU splash attention (Pallas) with the static DST mask (model/splash.py).
+- "gpu": one causal flash attention over the row plus a recompute of the video rows whose
+  mask is not causal (model/gpu_attention.py).
+
+The fast backends do not take a dense mask: they take a ``MaskLayout`` (per-row token types
+plus the static ``AttentionSpec``), from which the dense backend can also build its mask
+with ``layout.dst_mask``. ``attention_mask`` gives each backend the form it needs.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from mashvlm_jax import layout
+from mashvlm_jax.model import gpu_attention, splash
+
 # Large finite negative: a fully masked row gives a uniform softmax instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """Static description of the DST mask of a config: ``[temporal M][spatial N][text]``.
+
+  Hashable, so it can be a static field of a pytree and a cache key for kernels.
+  ``block_q``/``block_kv`` are the splash tile sizes; ``interpret`` runs the Pallas kernel
+  in interpret mode (None = automatic: interpret unless the devices are TPUs).
+  """
+  num_temporal: int
+  num_spatial: int
+  temporal: str = "causal"
+  spatial: str = "bidirectional"
+  temporal_sees_spatial: bool = False
+  spatial_sees_temporal: bool = False
+  block_q: int = 128
+  block_kv: int = 128
+  interpret: bool | None = None
+
+  def __post_init__(self):
+    for name in ("temporal", "spatial"):
+      if getattr(self, name) not in layout.ATTENTION_KINDS:
+        raise ValueError(f"{name} attention must be one of {layout.ATTENTION_KINDS}, "
+                         f"found {getattr(self, name)!r}")
+    if min(self.num_temporal, self.num_spatial) < 0:
+      raise ValueError(f"token counts must be >= 0, found M={self.num_temporal}, "
+                       f"N={self.num_spatial}")
+    if min(self.block_q, self.block_kv) <= 0:
+      raise ValueError(f"block sizes must be positive, found block_q={self.block_q}, "
+                       f"block_kv={self.block_kv}")
+
+  @property
+  def num_video(self) -> int:
+    return self.num_temporal + self.num_spatial
+
+  def switches(self) -> dict:
+    """Keyword arguments of ``layout.dst_mask``."""
+    return dict(temporal=self.temporal, spatial=self.spatial,
+                temporal_sees_spatial=self.temporal_sees_spatial,
+                spatial_sees_temporal=self.spatial_sees_temporal)
+
+  @classmethod
+  def plain_causal(cls, **kwargs) -> "AttentionSpec":
+    """Text-only rows (M = N = 0) under ordinary causal attention."""
+    return cls(num_temporal=0, num_spatial=0, **layout.plain_causal_switches(), **kwargs)
+
+
+@flax.struct.dataclass
+class MaskLayout:
+  """The DST mask in factored form: token types int32[B, S] (layout.TEXT/TEMPORAL/
+  SPATIAL/PAD, video prefix fixed by ``spec``) plus the static switches."""
+  types: jax.Array
+  spec: AttentionSpec = flax.struct.field(pytree_node=False)
+
+  def dense(self) -> jax.Array:
+    """bool[B, S, S], exactly ``layout.dst_mask`` of the types."""
+    return layout.dst_mask(self.types, **self.spec.switches())
+
+
+def attention_mask(types, spec: AttentionSpec, backend: str):
+  """What ``attend`` needs for ``backend``: the dense bool mask [B, S, S] for "dense"
+  (built by ``layout.dst_mask``), a ``MaskLayout`` for the fast backends."""
+  _backend_fn(backend)
+  if backend == "dense":
+    return layout.dst_mask(types, **spec.switches())
+  return MaskLayout(jnp.asarray(types, jnp.int32), spec)
 
 
 def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
@@ -41,14 +121,52 @@ def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-BACKENDS: dict[str, Callable] = {"dense": dense_attention}
+def _dense(q, k, v, mask, mesh=None):
+  del mesh  # XLA partitions the dense einsums itself
+  if isinstance(mask, MaskLayout):
+    mask = mask.dense()
+  return dense_attention(q, k, v, mask)
 
 
-def attend(q, k, v, mask, *, backend: str = "dense"):
-  """Dispatches to the attention backend named in the config (see ``BACKENDS``)."""
+def _needs_layout(name):
+  def check(mask):
+    if not isinstance(mask, MaskLayout):
+      raise ValueError(f"attention backend {name!r} needs the token layout (a MaskLayout "
+                       f"from attention.attention_mask), not a dense bool mask; build the "
+                       f"mask with attention_mask(types, spec, {name!r})")
+    return mask
+  return check
+
+
+def _splash(q, k, v, mask, mesh=None):
+  mask = _needs_layout("splash")(mask)
+  return splash.dst_splash_attention(q, k, v, mask.types, mask.spec, mesh=mesh)
+
+
+def _gpu(q, k, v, mask, mesh=None):
+  del mesh  # jax.nn.dot_product_attention carries its own partitioning rules
+  mask = _needs_layout("gpu")(mask)
+  return gpu_attention.dst_flash_attention(q, k, v, mask.types, mask.spec)
+
+
+BACKENDS: dict[str, Callable] = {"dense": _dense, "splash": _splash, "gpu": _gpu}
+
+
+def _backend_fn(backend: str) -> Callable:
   try:
-    fn = BACKENDS[backend]
+    return BACKENDS[backend]
   except KeyError:
     raise ValueError(f"attention backend {backend!r} is not available; "
                      f"choose one of {sorted(BACKENDS)}") from None
-  return fn(q, k, v, mask)
+
+
+def attend(q, k, v, mask, *, backend: str = "dense", mesh=None):
+  """Attention of q [B, S, Hq, D] over k, v [B, S, Hkv, D] -> [B, S, Hq, D].
+
+  Args:
+    mask: bool [B, S, S] / [S, S] (dense backend only) or a ``MaskLayout`` (any backend).
+    backend: "dense" (reference), "splash" (TPU Pallas) or "gpu" (flash decomposition).
+    mesh: optional jax Mesh for the splash kernel's shard_map (default: the mesh set with
+      ``jax.set_mesh``, if any).
+  """
+  return _backend_fn(backend)(q, k, v, mask, mesh=mesh)

@@ -17,6 +17,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 PROJECTORS = ("linear", "mlp2x_gelu")
 VISION_ACTS = ("quick_gelu", "gelu")
+ATTENTION_BACKENDS = ("dense", "splash", "gpu")  # model/attention.py BACKENDS
+SPLASH_LANES = 128  # splash tiles are multiples of the TPU lane width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +133,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   attention_backend: str = "dense"
+  # Splash attention tiles (query rows / key columns per block); sequences are padded to
+  # a multiple of both. Ignored by the other backends.
+  splash_block_q: int = 128
+  splash_block_kv: int = 128
 
   @property
   def video_token_counts(self) -> tuple[int, int]:
@@ -151,11 +157,16 @@ class ModelConfig:
     self.video_token_counts  # raises on bad frame count / odd grid
     checks = {"projector": PROJECTORS, "rope_mode": layout.ROPE_MODES,
               "remat_policy": REMAT_POLICIES, "dtype": tuple(DTYPES),
-              "param_dtype": tuple(DTYPES)}
+              "param_dtype": tuple(DTYPES), "attention_backend": ATTENTION_BACKENDS}
     for name, allowed in checks.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name} must be one of {allowed}, "
                          f"found {getattr(self, name)!r}")
+    for name in ("splash_block_q", "splash_block_kv"):
+      size = getattr(self, name)
+      if not isinstance(size, int) or size <= 0 or size % SPLASH_LANES:
+        raise ValueError(f"model.{name} must be a positive multiple of {SPLASH_LANES} "
+                         f"(splash attention tiles), found {size!r}")
     return self
 
   @classmethod

@@ -2,9 +2,11 @@
 
 RMSNorm, SwiGLU MLP, grouped-query attention, configurable rope_theta / rope_scaling,
 optional tied embeddings. The rotary embedding takes position ids int[B, 2, S]
-(``layout.position_ids``) and the attention takes a bool mask (``layout.dst_mask``); with
-distinct ids and a plain causal mask this is exactly LLaMA. Layers run under ``nn.scan``
-(parameters stacked on a leading ``layers`` axis) with a configurable remat policy.
+(``layout.position_ids``) and the attention takes the mask in the form its backend needs
+(``attention.attention_mask``: the bool ``layout.dst_mask`` for "dense", a ``MaskLayout``
+for "splash"/"gpu"); with distinct ids and a plain causal mask this is exactly LLaMA.
+Layers run under ``nn.scan`` (parameters stacked on a leading ``layers`` axis) with a
+configurable remat policy.
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, angles, mask):
     norm = functools.partial(RMSNorm, eps=self.cfg.rms_norm_eps, param_dtype=self.param_dtype)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
     h = x + Attention(self.cfg, self.dtype, self.param_dtype, self.backend, name="self_attn")(
         norm(name="input_layernorm")(x), angles, mask)
     out = h + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(
@@ -128,6 +130,7 @@ class LlamaDecoder(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   attention_backend: str = "dense"
+  attention_blocks: tuple[int, int] = (128, 128)  # splash (block_q, block_kv), causal_lm
 
   def setup(self):
     cfg = self.cfg
@@ -155,7 +158,8 @@ class LlamaDecoder(nn.Module):
     Args:
       inputs_embeds: [B, S, D].
       position_ids: int[B, 2, S] (row 0: even rotary pairs, row 1: odd pairs).
-      mask: bool[B, S, S] or [S, S], True = query may attend key.
+      mask: bool[B, S, S] or [S, S], True = query may attend key (dense backend), or an
+        ``attention.MaskLayout`` (any backend); see ``attention.attention_mask``.
     """
     angles = rope.rotary_angles(position_ids, self.inv_freq)
     h, _ = self.layers(inputs_embeds.astype(self.dtype), angles, mask)
@@ -179,6 +183,8 @@ class LlamaDecoder(nn.Module):
       attention_mask = jnp.ones(token_ids.shape, bool)
     types = layout.text_token_types(attention_mask, 0, 0)
     ids = layout.position_ids(types, "distinct")
-    mask = layout.dst_mask(types, **layout.plain_causal_switches())
+    block_q, block_kv = self.attention_blocks
+    spec = attention_lib.AttentionSpec.plain_causal(block_q=block_q, block_kv=block_kv)
+    mask = attention_lib.attention_mask(types, spec, self.attention_backend)
     return self.logits(self(self.embed(token_ids), ids, mask))
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mashvlm_jax import layout
+from mashvlm_jax.model import attention as attention_lib
 from mashvlm_jax.model.config import ModelConfig
 from mashvlm_jax.model.llm import LlamaDecoder
 from mashvlm_jax.model.projector import Projector
@@ -27,8 +28,9 @@ class MashVLM(nn.Module):
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     self.vision_tower = ClipVisionEncoder(cfg.vision, remat_policy=cfg.remat_policy, **common)
     self.projector = Projector(cfg.llm.hidden_size, cfg.projector, **common)
-    self.language_model = LlamaDecoder(cfg.llm, remat_policy=cfg.remat_policy,
-                                       attention_backend=cfg.attention_backend, **common)
+    self.language_model = LlamaDecoder(
+        cfg.llm, remat_policy=cfg.remat_policy, attention_backend=cfg.attention_backend,
+        attention_blocks=(cfg.splash_block_q, cfg.splash_block_kv), **common)
 
   def video_tokens(self, frames):
     """frames uint8 (0..255) or CLIP-normalised float [B, T, H, W, 3] ->
@@ -52,7 +54,8 @@ class MashVLM(nn.Module):
 
   def sequence(self, frames, text_ids, text_mask=None):
     """Inputs of the decoder: embeds [B, S, D], types int[B, S], position ids int[B, 2, S]
-    and mask bool[B, S, S], with S = M + N + L."""
+    and the mask, with S = M + N + L: bool[B, S, S] (``layout.dst_mask``) for the dense
+    backend, an ``attention.MaskLayout`` for the fast ones."""
     if text_mask is None:
       text_mask = jnp.ones(text_ids.shape, bool)
     temporal, spatial = self.video_tokens(frames)
@@ -61,7 +64,8 @@ class MashVLM(nn.Module):
                              axis=1)
     types = layout.text_token_types(text_mask, temporal.shape[1], spatial.shape[1])
     ids = layout.position_ids(types, self.cfg.rope_mode)
-    mask = layout.dst_mask(types, **self.cfg.mask.as_kwargs())
+    spec = attention_spec(self.cfg, temporal.shape[1], spatial.shape[1])
+    mask = attention_lib.attention_mask(types, spec, self.cfg.attention_backend)
     return embeds, types, ids, mask
 
   def __call__(self, frames, text_ids, text_mask=None):
@@ -75,6 +79,12 @@ class MashVLM(nn.Module):
     embeds, _, ids, mask = self.sequence(frames, text_ids, text_mask)
     hidden = self.language_model(embeds, ids, mask)
     return self.language_model.logits(hidden[:, -text_ids.shape[1]:])
+
+
+def attention_spec(cfg: ModelConfig, num_temporal: int, num_spatial: int):
+  """The static ``AttentionSpec`` of a config: video prefix, mask switches, splash tiles."""
+  return attention_lib.AttentionSpec(num_temporal, num_spatial, **cfg.mask.as_kwargs(),
+                                     block_q=cfg.splash_block_q, block_kv=cfg.splash_block_kv)
 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 1, text_len: int = 8):
