@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2)
   module = importlib.import_module(f"mashvlm_jax.commands.{command.replace('-', '_')}")
   from absl import app  # imported late: `mashvlm --help` needs no jax
+  # absl's --help prints the __main__ module's docstring: show the command's own.
+  sys.modules["__main__"].__doc__ = module.__doc__
   app.run(module.main, argv=[f"mashvlm {command}"] + argv[2:])
 
 

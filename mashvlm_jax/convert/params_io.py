@@ -1,0 +1,146 @@
+"""The parameter checkpoint the trainer starts from, and the one export-torch reads.
+
+Layout of ``directory``:
+  params/             Orbax save (StandardCheckpointHandler) of the plain, unboxed params tree
+  model_config.json   ModelConfig.to_dict()
+The directory is written as a temporary sibling and renamed at the end, so a crash never
+leaves a half-written checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Mapping
+
+import numpy as np
+
+from mashvlm_jax.convert.param_map import ConversionError, leaves
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "model_config.json"
+
+
+def check_destination(directory, overwrite: bool = False) -> pathlib.Path:
+  """Absolute path of an output directory; refuses an existing one unless ``overwrite``."""
+  final = pathlib.Path(directory).absolute()
+  if final.exists() and not overwrite:
+    raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
+  if final.exists() and not final.is_dir():
+    raise FileExistsError(f"{final} exists and is not a directory")
+  return final
+
+
+@contextlib.contextmanager
+def atomic_directory(directory, overwrite: bool = False):
+  """Yields an empty temporary sibling of ``directory`` that replaces it on success.
+
+  On an exception the temporary directory is removed and ``directory`` is untouched.
+  """
+  final = check_destination(directory, overwrite)
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  tmp = final.parent / f".{final.name}.partial-{tag}"
+  tmp.mkdir()
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if final.exists():
+    old = final.parent / f".{final.name}.old-{tag}"
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(tmp, final)
+
+
+BUDGET_FLOOR = 2 ** 28  # bytes
+
+
+def _budget_gb(leaf_bytes) -> float:
+  """Orbax's in-flight byte budget: the largest leaf (at least BUDGET_FLOOR) plus 1 MiB
+  (Orbax refuses a request equal to its budget). Orbax holds a host copy of what is in
+  flight, so this keeps a save's or restore's extra memory near one leaf instead of the
+  whole model."""
+  return (max(max(leaf_bytes, default=0), BUDGET_FLOOR) + 2 ** 20) / 1e9
+
+
+def save_params(directory, params: Mapping, model_cfg, *, overwrite: bool = False) -> pathlib.Path:
+  """Saves the params tree (boxed or plain; numpy or jax leaves) and its ModelConfig."""
+  import flax.linen as nn
+  import jax
+  import orbax.checkpoint as ocp
+  params = nn.unbox(params)
+  with atomic_directory(directory, overwrite) as tmp:
+    budget = _budget_gb([getattr(x, "nbytes", 0) for x in jax.tree.leaves(params)])
+    handler = ocp.StandardCheckpointHandler(save_concurrent_gb=budget)
+    checkpointer = ocp.Checkpointer(handler)  # synchronous
+    try:
+      checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.StandardSave(params))
+    finally:
+      checkpointer.close()  # no background write may outlive a failed save's cleanup
+    (tmp / CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2, sort_keys=True)
+                                   + "\n")
+  return pathlib.Path(directory).absolute()
+
+
+def load_model_config(directory):
+  """The ModelConfig stored beside the params (validated)."""
+  from mashvlm_jax.model.config import ModelConfig
+  path = pathlib.Path(directory) / CONFIG_FILE
+  if not path.is_file():
+    raise ConversionError(f"{path} is missing: {directory} is not a mashvlm params "
+                          f"checkpoint (expected {PARAMS_DIR}/ and {CONFIG_FILE})")
+  return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def load_params(directory, *, check: bool = True):
+  """(params, ModelConfig) from ``save_params``' directory; leaves are numpy arrays.
+
+  With ``check`` the tree's structure, shapes and dtypes must equal the model's
+  (``mashvlm.abstract_params``); a difference is a ConversionError naming the leaf.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+  cfg = load_model_config(directory)
+  path = pathlib.Path(directory).absolute() / PARAMS_DIR
+  if not path.is_dir():
+    raise ConversionError(f"{path} is missing: no Orbax params in {directory}")
+  tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  budget = _budget_gb([np.dtype(m.dtype).itemsize * math.prod(m.shape)
+                       for m in jax.tree.leaves(tree)])
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=budget))
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  if check:
+    check_params(params, cfg, str(directory))
+  return params, cfg
+
+
+def expected_shapes(cfg) -> dict:
+  """{path: (shape, dtype)} of every params leaf of the model ``cfg`` describes."""
+  import flax.linen as nn
+  from mashvlm_jax.model import mashvlm
+  abstract = nn.unbox(mashvlm.abstract_params(cfg))
+  return {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves(abstract).items()}
+
+
+def check_params(params: Mapping, cfg, where: str = "params") -> None:
+  """Raises ConversionError listing missing, unexpected or mis-shaped leaves."""
+  want = expected_shapes(cfg)
+  have = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves(params).items()}
+  problems = [f"missing {'/'.join(p)} {want[p][1]}{list(want[p][0])}"
+              for p in want if p not in have]
+  problems += [f"unexpected {'/'.join(p)}" for p in have if p not in want]
+  problems += [f"{'/'.join(p)}: expected {want[p][1]}{list(want[p][0])}, found "
+               f"{have[p][1]}{list(have[p][0])}" for p in want if p in have and have[p] != want[p]]
+  if problems:
+    more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
+    raise ConversionError(f"{where}: parameters do not match the model config:\n  "
+                          + "\n  ".join(problems[:30]) + more)

@@ -1,0 +1,134 @@
+"""mashvlm params -> directories that PyTorch / HuggingFace transformers load.
+
+  OUT/language_model/      config.json + safetensors: transformers.LlamaForCausalLM
+  OUT/vision_tower/        config.json + safetensors: transformers.CLIPVisionModel
+  OUT/projector.safetensors  linear_1.{weight,bias} [, linear_2.*] in torch [out, in] layout
+  OUT/mash_config.json     token split, RoPE mode, mask switches, feature layer, model config
+
+Weights are streamed tensor by tensor (``param_map`` transforms, then a cast), so peak
+memory stays near one copy of the params. Above ``max_shard_bytes`` a tower is written as
+HuggingFace shards with ``model.safetensors.index.json``. ``torch_reference.py`` runs the
+whole MASH-VLM forward from such a directory.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import ml_dtypes
+import numpy as np
+
+from mashvlm_jax import layout
+from mashvlm_jax.convert import param_map, safetensors_io
+from mashvlm_jax.convert.param_map import ConversionError
+
+EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+LLM_DIR, VISION_DIR = "language_model", "vision_tower"
+PROJECTOR_FILE, MASH_CONFIG = "projector.safetensors", "mash_config.json"
+FORMAT = "mashvlm-torch-export"
+DEFAULT_SHARD_BYTES = 5 * 10 ** 9
+
+
+def llama_hf_config(llm, dtype: str) -> dict:
+  """LlamaForCausalLM config.json; legacy rope keys, read by transformers 4.45+ and 5."""
+  scaling = llm.rope_scaling_dict
+  max_positions = 4096
+  if scaling and "original_max_position_embeddings" in scaling:
+    max_positions = int(scaling["original_max_position_embeddings"] * scaling["factor"])
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "vocab_size": llm.vocab_size, "hidden_size": llm.hidden_size,
+      "intermediate_size": llm.intermediate_size, "num_hidden_layers": llm.num_layers,
+      "num_attention_heads": llm.num_heads, "num_key_value_heads": llm.num_kv_heads,
+      "head_dim": llm.dim_per_head, "hidden_act": "silu",
+      "max_position_embeddings": max_positions, "rms_norm_eps": llm.rms_norm_eps,
+      "rope_theta": llm.rope_theta, "rope_scaling": scaling,
+      "tie_word_embeddings": llm.tie_word_embeddings, "attention_bias": llm.attention_bias,
+      "mlp_bias": llm.mlp_bias, "attention_dropout": 0.0, "use_cache": True,
+      "torch_dtype": dtype,
+  }
+
+
+def clip_hf_config(vision, dtype: str) -> dict:
+  """CLIPVisionModel config.json."""
+  return {
+      "architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+      "hidden_size": vision.hidden_size, "intermediate_size": vision.intermediate_size,
+      "num_hidden_layers": vision.num_layers, "num_attention_heads": vision.num_heads,
+      "num_channels": 3, "image_size": vision.image_size, "patch_size": vision.patch_size,
+      "hidden_act": vision.hidden_act, "layer_norm_eps": vision.layer_norm_eps,
+      "attention_dropout": 0.0, "torch_dtype": dtype,
+  }
+
+
+def mash_config(cfg, dtype: str) -> dict:
+  """Everything beyond the two HF towers that the MASH-VLM forward needs."""
+  from mashvlm_jax.model.vision import CLIP_MEAN, CLIP_STD
+  m, n = cfg.video_token_counts
+  return {
+      "format": FORMAT, "version": 1, "dtype": dtype,
+      "files": {"language_model": LLM_DIR, "vision_tower": VISION_DIR,
+                "projector": PROJECTOR_FILE},
+      "token_split": {
+          "num_frames": cfg.num_frames, "num_temporal": m, "num_spatial": n,
+          "grid": cfg.vision.grid, "num_segments": layout.NUM_SEGMENTS,
+          "segments": "numpy.array_split of the frames", "spatial_pool": 2,
+          "temporal_order": ["cls", "frame_mean", "frame_difference"],
+          "sequence": "[temporal M][spatial N][text L]"},
+      "rope": {"mode": cfg.rope_mode, "theta": cfg.llm.rope_theta,
+               "scaling": cfg.llm.rope_scaling_dict,
+               "rule": "rotary pair k = dims (k, k + d/2) takes ids row k % 2; harmonic: "
+                       "row 0 balanced, row 1 distinct"},
+      "mask": cfg.mask.as_kwargs(),
+      "vision": {"feature_layer": cfg.vision.feature_layer, "features": "cls+patches",
+                 "pixel_mean": list(CLIP_MEAN), "pixel_std": list(CLIP_STD)},
+      "projector": {"kind": cfg.projector},
+      "model": cfg.to_dict(),
+  }
+
+
+def _produce(params, t: param_map.Tensor, dtype) -> np.ndarray:
+  leaf = param_map.get_path(params, t.path)
+  value = np.asarray(leaf if t.layer is None else leaf[t.layer])  # one layer leaves a device
+  return np.ascontiguousarray(t.to_hf(value), dtype=dtype)
+
+
+def tower_specs(tower: str, params, dtype) -> list[safetensors_io.TensorSpec]:
+  """One TensorSpec per HF tensor of ``tower``; data is produced when written."""
+  prefix = param_map.TOWERS[tower].prefix
+  return [safetensors_io.TensorSpec(prefix + t.hf, t.hf_shape, dtype,
+                                    functools.partial(_produce, params, t, dtype))
+          for t in param_map.plan(tower, params)]
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def export_torch(params, cfg, out, *, dtype: str = "float32",
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False):
+  """Writes ``out`` (atomically: a temporary sibling renamed at the end); returns its path.
+
+  ``params`` must match ``cfg`` (checked first, before anything is written).
+  """
+  from mashvlm_jax.convert import params_io
+  if dtype not in EXPORT_DTYPES:
+    raise ConversionError(f"export dtype must be one of {tuple(EXPORT_DTYPES)}, found {dtype!r}")
+  if max_shard_bytes < 1:
+    raise ConversionError(f"shard size must be positive, found {max_shard_bytes}")
+  params_io.check_params(params, cfg, "checkpoint")
+  np_dtype = EXPORT_DTYPES[dtype]
+  specs = {tower: tower_specs(tower, params[tower], np_dtype) for tower in param_map.TOWERS}
+  with params_io.atomic_directory(out, overwrite) as tmp:
+    for tower, sub, hf_config in (
+        ("language_model", LLM_DIR, llama_hf_config(cfg.llm, dtype)),
+        ("vision_tower", VISION_DIR, clip_hf_config(cfg.vision, dtype))):
+      (tmp / sub).mkdir()
+      _write_json(tmp / sub / "config.json", hf_config)
+      safetensors_io.write_checkpoint(tmp / sub, specs[tower], max_shard_bytes)
+    safetensors_io.write_file(tmp / PROJECTOR_FILE, specs["projector"],
+                              {"format": "pt", "projector": cfg.projector})
+    _write_json(tmp / MASH_CONFIG, mash_config(cfg, dtype))
+  return pathlib.Path(out).absolute()
+
