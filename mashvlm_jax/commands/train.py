@@ -1,0 +1,95 @@
+"""Train a config in a workdir, resuming from its latest checkpoint (multi-host aware).
+
+``mashvlm train --config=configs/NAME.py[:ARGS] --workdir=DIR [--config.KEY=VALUE ...]``.
+Multi-host: every process runs the same command; ``jax.distributed`` is initialised from
+``--coordinator_address/--num_processes/--process_id``, or from the environment
+(``MASHVLM_COORDINATOR_ADDRESS``, ``MASHVLM_NUM_PROCESSES``, ``MASHVLM_PROCESS_ID``), or
+by JAX's own cluster detection on TPU pods with ``--distributed=auto``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
+                                lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
+                                 "jax.distributed: off, auto (TPU/cluster detection), or "
+                                 "explicit (coordinator flags or environment).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo",
+                                       "Collectives for multi-process CPU runs.")
+
+
+def initialize_distributed() -> None:
+  """Initialises jax.distributed per the flags/environment; no-op when off."""
+  import jax
+  env = os.environ
+  address = _COORDINATOR.value or env.get("MASHVLM_COORDINATOR_ADDRESS")
+  mode = _DISTRIBUTED.value
+  if mode == "off" and address:
+    mode = "explicit"
+  if mode == "off":
+    return
+  if mode == "auto":
+    jax.distributed.initialize()
+    return
+  num = _NUM_PROCESSES.value or env.get("MASHVLM_NUM_PROCESSES")
+  pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else env.get("MASHVLM_PROCESS_ID")
+  if not address or num is None or pid is None:
+    raise SystemExit("mashvlm train: explicit distributed mode needs --coordinator_address, "
+                     "--num_processes and --process_id (or MASHVLM_COORDINATOR_ADDRESS, "
+                     "MASHVLM_NUM_PROCESSES, MASHVLM_PROCESS_ID)")
+  if jax.config.jax_platforms in ("cpu",) or env.get("JAX_PLATFORMS") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
+  jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
+                             process_id=int(pid))
+
+
+def quiet_libraries() -> None:
+  """Orbax and JAX log every save at INFO through absl; keep the console for our own
+  messages (the ``mashvlm`` logger) unless --verbosity asks for more."""
+  from absl import logging as absl_logging
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  ours = logging.getLogger("mashvlm")
+  ours.setLevel(logging.INFO)
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+  ours.addHandler(handler)
+  ours.propagate = False
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  if config is None or not _WORKDIR.value:
+    raise SystemExit("mashvlm train: --config and --workdir are required, e.g. "
+                     "--config=configs/tiny_synthetic.py --workdir=/tmp/mashvlm_tiny")
+  quiet_libraries()
+  initialize_distributed()
+  import jax
+  # Persistent XLA cache: resumed and repeated runs skip recompiling the train step.
+  jax.config.update("jax_compilation_cache_dir", os.environ.get(
+      "MASHVLM_COMPILATION_CACHE", os.path.expanduser("~/.cache/mashvlm_jax/xla")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  from mashvlm_jax.train import trainer
+  summary = trainer.train(config, _WORKDIR.value)
+  if jax.process_index() != 0:
+    return
+  metrics = summary["metrics"]
+  status = "preempted, resume with the same command" if summary["preempted"] else "done"
+  print(f"\n{status}: step {summary['step']}" + (
+      f", loss {metrics['loss']:.4f}, answer-token accuracy {metrics['accuracy']:.3f}"
+      if metrics else ""))
+  print(f"  checkpoints: {summary['checkpoints']}")
+  print(f"  metrics:     {summary['metrics_file']}  (TensorBoard: {summary['tensorboard']})")
+  print(f"  loss curve:  {summary['plot']}")
+  if summary.get("eval"):
+    print(f"  eval:        {summary['eval']}")
