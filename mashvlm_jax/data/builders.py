@@ -1,0 +1,260 @@
+"""TFDS builders writing ArrayRecord (no TensorFlow needed): the synthetic UNSCENE set and
+users' own annotated videos. Both write the same features, so one reader serves both.
+
+Stored features of every example (``features(T, S)``):
+  id          text    unique within the split ("train/000012", "<json stem>/000003")
+  video       uint8   [T, S, S, 3] RGB frames (zlib-compressed on disk)
+  source      text    the video file as written in the annotation ("" for synthetic)
+  task        text    "synthetic", "instruct", "mvbench/<task>", "unscene"
+  kind        text    "typical" | "unusual" | "scene_only" | "" (unknown)
+  action      text    action label ("" for scene-only or unknown)
+  scene       text    scene label ("" when unknown)
+  candidates  [text]  multiple-choice options (MVBench), else empty
+  qa          sequence of {i, q, a, task, aspect, pair}: see tasks/__init__.py
+
+Builds are atomic: TFDS writes into an ``incomplete.*`` directory that is renamed only
+when every split (and, for the synthetic set, its ``tokenizer.json``) is written, and
+removed when the build fails.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mashvlm_jax.data import annotations, synthetic, tokenizer, video
+from mashvlm_jax.data.chat import ChatTemplate
+from mashvlm_jax.data.tasks import open_ended, train_mix, unscene_binary
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+
+# Clips per split of the synthetic presets.
+SYNTHETIC_PRESETS = {
+    "tiny": {"train": 64, "test_typical": 16, "test_unusual": 56, "test_scene_only": 16},
+    "default": {"train": 3200, "test_typical": 400, "test_unusual": 448,
+                "test_scene_only": 200},
+    "large": {"train": 20000, "test_typical": 800, "test_unusual": 896,
+              "test_scene_only": 400},
+}
+
+
+class BuildError(RuntimeError):
+  """A build that failed on more records than the allowed share; nothing was written."""
+
+
+def features(num_frames: int, size: int) -> tfds.features.FeaturesDict:
+  text = tfds.features.Text
+  return tfds.features.FeaturesDict({
+      "id": text(),
+      "video": tfds.features.Tensor(shape=(num_frames, size, size, 3), dtype=np.uint8,
+                                    encoding=tfds.features.Encoding.ZLIB),
+      "source": text(), "task": text(), "kind": text(), "action": text(), "scene": text(),
+      "candidates": tfds.features.Sequence(text()),
+      "qa": tfds.features.Sequence({"i": text(), "q": text(), "a": text(), "task": text(),
+                                    "aspect": text(),
+                                    "pair": tfds.features.Tensor(shape=(), dtype=np.int32)}),
+  })
+
+
+def example(*, id, frames, qa, source="", task="", kind="", action="", scene="",
+            candidates=()):
+  """A dict with every stored feature (see the module docstring)."""
+  return {"id": id, "video": frames, "source": source, "task": task, "kind": kind,
+          "action": action, "scene": scene, "candidates": list(candidates), "qa": list(qa)}
+
+
+# ------------------------------------------------------------------------------ synthetic
+
+def vocabulary_texts() -> list[str]:
+  """Every string the synthetic generator writes, plus the default chat markers."""
+  template = ChatTemplate()
+  return train_mix.texts() + [template.user, template.assistant]
+
+
+def synthetic_questions(spec: synthetic.ClipSpec) -> list[dict]:
+  """train: the training mixture; test splits: UNSCENE binary duals, the open-ended
+  description and the short action/scene questions."""
+  rng = spec.rng(synthetic.QUESTIONS)
+  if spec.split == "train":
+    return train_mix.questions(spec.action, spec.scene, rng)
+  short = [q for q in train_mix.questions(spec.action, spec.scene, rng)
+           if q["task"] in ("action", "scene")]
+  return (unscene_binary.questions(spec.action, spec.scene, rng)
+          + open_ended.questions(spec.action, spec.scene) + short)
+
+
+def synthetic_example(spec: synthetic.ClipSpec, num_frames: int, size: int) -> dict:
+  return example(id=spec.id, frames=synthetic.render_clip(spec, num_frames, size, size),
+                 qa=synthetic_questions(spec), task="synthetic", kind=spec.kind,
+                 action=spec.action, scene=spec.scene)
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticConfig(tfds.core.BuilderConfig):
+  preset: str = "default"
+  num_frames: int = 8
+  size: int = 64
+  typical_prob: float = 0.9
+  scene_only_share: float = 0.05
+  seed: int = 0
+  train_size: int = 0  # 0 = the preset's
+  test_size: int = 0  # clips per test split; 0 = the preset's
+
+  @property
+  def split_sizes(self) -> dict:
+    sizes = dict(SYNTHETIC_PRESETS[self.preset])
+    for split in sizes:
+      override = self.train_size if split == "train" else self.test_size
+      sizes[split] = override or sizes[split]
+    return sizes
+
+
+def synthetic_config(preset: str = "default", num_frames: int = 8, size: int = 64,
+                     typical_prob: float = 0.9, scene_only_share: float = 0.05,
+                     seed: int = 0, train_size: int = 0, test_size: int = 0) -> SyntheticConfig:
+  """A config whose name spells every parameter, so different data never share a dir."""
+  if preset not in SYNTHETIC_PRESETS:
+    raise ValueError(f"unknown synthetic preset {preset!r}; known: {sorted(SYNTHETIC_PRESETS)}")
+  if num_frames < 2 or size < 8 or train_size < 0 or test_size < 0:
+    raise ValueError(f"synthetic data needs num_frames >= 2, size >= 8 and sizes >= 0, found "
+                     f"{num_frames}, {size}, {train_size}, {test_size}")
+  name = (f"{preset}_t{num_frames}_s{size}_p{round(typical_prob * 1000)}"
+          f"_o{round(scene_only_share * 1000)}_seed{seed}")
+  if train_size or test_size:
+    name += f"_n{train_size}_{test_size}"
+  return SyntheticConfig(name=name, preset=preset, num_frames=num_frames, size=size,
+                         typical_prob=typical_prob, scene_only_share=scene_only_share,
+                         seed=seed, train_size=train_size, test_size=test_size,
+                         description=f"synthetic UNSCENE, {preset} sizes")
+
+
+class SyntheticUnscene(tfds.core.GeneratorBasedBuilder):
+  """Procedural action/scene videos (synthetic.py) with UNSCENE-style questions."""
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [synthetic_config(p) for p in SYNTHETIC_PRESETS]
+  DEFAULT_CONFIG_NAME = synthetic_config("default").name
+
+  def _info(self):
+    cfg = self.builder_config
+    return tfds.core.DatasetInfo(builder=self, description=__doc__,
+                                 features=features(cfg.num_frames, cfg.size))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in synthetic.SPLITS}
+
+  def _generate_examples(self, split):
+    cfg = self.builder_config
+    specs = synthetic.clip_specs(split, cfg.split_sizes[split], seed=cfg.seed,
+                                 typical_prob=cfg.typical_prob,
+                                 scene_only_share=cfg.scene_only_share)
+    for spec in specs:
+      yield spec.id, synthetic_example(spec, cfg.num_frames, cfg.size)
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    super()._download_and_prepare(dl_manager, download_config)
+    # self.data_dir is still the incomplete directory here: the tokenizer lands atomically
+    # with the data.
+    tokenizer.save_atomic(tokenizer.build_word_tokenizer(vocabulary_texts()),
+                          f"{self.data_dir}/{TOKENIZER_FILE}")
+
+
+# ------------------------------------------------------------------------------ users' data
+
+@dataclasses.dataclass(eq=False)
+class LocalConfig(tfds.core.BuilderConfig):
+  """``sources``: tuples (split, annotation JSON file or directory, video root)."""
+  sources: tuple = ()
+  num_frames: int = 8
+  size: int = 224
+  sample_mode: str = "middle"
+  max_failure_share: float = 0.05
+  num_threads: int = 4
+  seed: int = 0
+
+
+class LocalVideoQa(tfds.core.GeneratorBasedBuilder):
+  """Users' videos with VideoChat2-IT, MVBench or UNSCENE annotations, decoded and
+  frame-sampled at build time (video.read_video, ``sample_mode``, no random draws)."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.report = {}
+
+  def _info(self):
+    cfg = self.builder_config
+    return tfds.core.DatasetInfo(builder=self, description=__doc__,
+                                 features=features(cfg.num_frames, cfg.size))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    splits = collections.defaultdict(list)
+    for split, path, root in self.builder_config.sources:
+      splits[split].append((path, root))
+    return {split: self._generate_examples(split, sources) for split, sources in splits.items()}
+
+  def _decode(self, item: annotations.Item):
+    cfg = self.builder_config
+    try:
+      frames = video.read_video(item.video, cfg.num_frames, cfg.sample_mode, cfg.size,
+                                start=item.start, end=item.end)
+    except FileNotFoundError as e:
+      return None, (str(e), "missing video")
+    except video.VideoDecodeError as e:
+      return None, (str(e), "undecodable video")
+    except ValueError as e:
+      return None, (str(e), "bad bounds")
+    return example(id=item.key, frames=frames, qa=item.qa, source=item.source,
+                   task=item.task, kind=item.kind, action=item.action, scene=item.scene,
+                   candidates=item.candidates), None
+
+  def _generate_examples(self, split, sources):
+    cfg = self.builder_config
+    items, failures = [], []
+    for path, root in sources:
+      got, failed = annotations.read_items(path, root, seed=cfg.seed)
+      items += got
+      failures += failed
+    for failure in failures:
+      log.warning("skipping %s", failure)
+    total, written = len(items) + len(failures), 0
+    threads = max(1, cfg.num_threads)
+    chunk = 8 * threads  # bounded look-ahead: decoded videos are held until written
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      for begin in range(0, len(items), chunk):
+        batch = items[begin:begin + chunk]
+        for item, (ex, why) in zip(batch, pool.map(self._decode, batch)):
+          if ex is None:
+            failure = annotations.Failure(f"record {item.key} (video {item.video})", *why)
+            log.warning("skipping %s", failure)
+            failures.append(failure)
+            continue
+          written += 1
+          yield item.key, ex
+    self.report[split] = {"total": total, "written": written,
+                          "failed": [str(f) for f in failures]}
+    check_failures(split, total, failures, cfg.max_failure_share)
+
+
+def check_failures(split: str, total: int, failures: list, max_share: float) -> None:
+  """Logs a summary; raises BuildError when the failed share exceeds ``max_share`` or
+  nothing usable is left."""
+  summary = f"split {split!r}: {len(failures)} of {total} records skipped"
+  reasons = collections.Counter(f.category for f in failures)
+  if failures:
+    log.warning("%s (%s)", summary, "; ".join(f"{n}x {r}" for r, n in reasons.most_common(5)))
+  if total == 0 or len(failures) == total:
+    raise BuildError(f"{summary}: no usable records. First failures:\n  "
+                     + "\n  ".join(str(f) for f in failures[:10]))
+  if len(failures) > max_share * total:
+    raise BuildError(
+        f"{summary} ({len(failures) / total:.1%} > data.max_failure_share = "
+        f"{max_share:.1%}); nothing was written. First failures:\n  "
+        + "\n  ".join(str(f) for f in failures[:10]))

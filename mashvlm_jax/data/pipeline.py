@@ -1,0 +1,238 @@
+"""The Grain input pipeline: TFDS ArrayRecord source -> seeded per-epoch shuffle -> frames
+(resample, optional random resized crop / flip) -> chat template -> tokens, answer-only
+labels, truncation (chat.py), padding -> per-process share of each global batch -> batch
+-> worker processes. The iterator's state is checkpointable (``get_state``/``set_state``).
+
+BATCH CONTRACT (per process; B = data.batch_size / process_count, L = data.text_len):
+  frames      uint8   [B, T, H, W, 3]  raw RGB 0..255 at the model's frame count and
+                                       resolution. CLIP mean/std normalisation happens on
+                                       device inside the model (model/vision.py
+                                       normalize_frames): uint8 is 4x smaller to ship.
+  text_ids    int32   [B, L]  the chat text (chat.py), right-padded with the pad id
+  text_mask   bool    [B, L]  True on real tokens
+  labels      int32   [B, L]  labels[:, i] = text_ids[:, i + 1]; 0 where there is none
+  label_mask  float32 [B, L]  1.0 exactly where labels[:, i] is an answer token (answers
+                              and their </s>), else 0
+Loss = sum(label_mask * xent(logits, labels)) / sum(label_mask).
+"""
+from __future__ import annotations
+
+import logging
+
+import grain
+import numpy as np
+
+from mashvlm_jax.data import chat, frames as frames_lib, registry
+from mashvlm_jax.data.registry import ensure_built  # noqa: F401  (the trainer's entry)
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("frames", "text_ids", "text_mask", "labels", "label_mask")
+QA_MODES = ("sample", "all")
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def decode_record(raw: dict) -> dict:
+  """A data-source example with text as ``str`` and ``qa`` as a list of dicts.
+
+  Fields: id, video (uint8 [T, H, W, 3]), source, task, kind, action, scene (str),
+  candidates (list of str), qa (list of {i, q, a, task, aspect: str, pair: int}).
+  """
+  out = {k: _text(raw[k]) for k in ("id", "source", "task", "kind", "action", "scene")}
+  out["video"] = np.asarray(raw["video"])
+  out["candidates"] = [_text(c) for c in raw["candidates"]]
+  qa = raw["qa"]
+  fields = ("i", "q", "a", "task", "aspect")
+  out["qa"] = [dict({f: _text(qa[f][k]) for f in fields}, pair=int(qa["pair"][k]))
+               for k in range(len(qa["q"]))]
+  return out
+
+
+def check_template(tok, template: chat.ChatTemplate) -> None:
+  """Errors when the template's text maps to <unk> (e.g. a word tokenizer that lacks it)."""
+  unk = tok.unk_id
+  for name in ("system", "user", "assistant"):
+    text = getattr(template, name)
+    if unk is not None and text and unk in tok.encode(text):
+      raise ValueError(f"data.template.{name}={text!r} has words outside the vocabulary of "
+                       f"{tok.path}; use words the tokenizer knows")
+
+
+class ExampleTransform:
+  """record (raw data-source dict) + rng -> one row of the batch contract (no B axis).
+
+  ``augment``: None, or a dict with random_resized_crop, crop_scale, crop_ratio, flip.
+  Without augmentation frames are resampled with ``middle`` and centre-resized.
+  """
+
+  def __init__(self, tok, template: chat.ChatTemplate, text_len: int, num_frames: int,
+               image_size: int, qa_mode: str = "sample", sample_mode: str = "rand",
+               augment: dict | None = None):
+    if qa_mode not in QA_MODES:
+      raise ValueError(f"data.qa_mode must be one of {QA_MODES}, found {qa_mode!r}")
+    check_template(tok, template)
+    self.tok, self.template, self.text_len = tok, template, int(text_len)
+    self.num_frames, self.image_size = int(num_frames), int(image_size)
+    self.qa_mode, self.sample_mode, self.augment = qa_mode, sample_mode, augment
+
+  def frames(self, video: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    aug = self.augment
+    mode = self.sample_mode if aug else "middle"
+    video = frames_lib.resample(video, self.num_frames, mode, rng)
+    if aug and aug.get("random_resized_crop"):
+      video = frames_lib.random_resized_crop(video, rng, self.image_size,
+                                             tuple(aug["crop_scale"]), tuple(aug["crop_ratio"]))
+    else:
+      video = frames_lib.resize(video, self.image_size)
+    if aug and aug.get("flip") and rng.random() < 0.5:
+      video = video[:, :, ::-1]
+    return np.ascontiguousarray(video, np.uint8)
+
+  def turns(self, qa: list, rng: np.random.Generator) -> list:
+    if self.qa_mode == "sample":
+      return [qa[int(rng.integers(len(qa)))]]
+    return qa
+
+  def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
+    record = decode_record(raw)
+    if not record["qa"]:
+      raise ValueError(f"example {record['id']!r} has no question/answer turns")
+    row, report = chat.encode_example(self.tok, self.template, self.turns(record["qa"], rng),
+                                      self.text_len, record["id"])
+    if any(report.values()):
+      _warn_truncated(record["id"], self.text_len, report)
+    row["frames"] = self.frames(record["video"], rng)
+    return row
+
+
+_truncated = {"count": 0}
+
+
+def _warn_truncated(example_id: str, text_len: int, report: dict) -> None:
+  """Logs the first 20 truncated examples of a process, then every 1000th."""
+  _truncated["count"] += 1
+  n = _truncated["count"]
+  if n <= 20 or n % 1000 == 0:
+    log.warning("example %s truncated to data.text_len=%d: %s (%d truncated so far in this "
+                "process)", example_id, text_len, report, n)
+
+
+def _process(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
+  return int(process_index), int(process_count)
+
+
+def example_transform(config, split: str, augment: bool | None = None) -> ExampleTransform:
+  """The per-example transform the config describes (augmentation: train split only,
+  unless ``augment`` says otherwise)."""
+  d = config.data
+  augment = (split == d.train_split) if augment is None else augment
+  return ExampleTransform(
+      registry.load_tokenizer(config), chat.ChatTemplate(**dict(d.template)), d.text_len,
+      config.model.num_frames, config.model.vision.image_size, d.qa_mode, d.sample_mode,
+      dict(d.augment) if augment else None)
+
+
+def shard(ds: grain.MapDataset, process_index: int, process_count: int,
+          equal: bool, multiple: int = 1) -> grain.MapDataset:
+  """Process ``process_index``'s share: positions process_index, +process_count, ...
+  With ``equal`` the stream is first cut to a multiple of ``multiple`` (a multiple of
+  process_count), so every process holds the same number of examples (finite epochs must
+  give every host the same steps)."""
+  if equal:
+    ds = ds[:len(ds) - len(ds) % multiple]
+  return ds[process_index::process_count]
+
+
+def make_dataset(config, split: str, *, process_index=None, process_count=None, seed=None,
+                 shuffle=True, num_epochs=None, augment=None) -> grain.IterDataset:
+  """The batched IterDataset behind ``make_iterator`` (same arguments)."""
+  d = config.data
+  process_index, process_count = _process(process_index, process_count)
+  if d.batch_size % process_count:
+    raise ValueError(f"data.batch_size={d.batch_size} (global) is not divisible by the "
+                     f"process count {process_count}")
+  seed = int(config.get("seed", 0) if seed is None else seed)
+  ds = grain.MapDataset.source(registry.data_source(config, split))
+  if len(ds) < d.batch_size:
+    raise ValueError(f"split {split!r} has {len(ds)} examples, fewer than one global batch "
+                     f"(data.batch_size={d.batch_size})")
+  # Every process walks the same global stream (shuffle and augmentation keyed by the
+  # stream position; repeat() folds in the epoch) and takes positions p, p+P, ...: global
+  # batch k is stream[k*B:(k+1)*B] whatever the number of processes, so a multi-host run
+  # trains on exactly the batches of a single-host run.
+  stream = np.random.SeedSequence([seed]).generate_state(2)
+  if shuffle:
+    ds = ds.shuffle(seed=int(stream[0]))
+  ds = ds.random_map(example_transform(config, split, augment), seed=int(stream[1]))
+  ds = ds.repeat(num_epochs)
+  ds = shard(ds, process_index, process_count, equal=num_epochs is not None,
+             multiple=d.batch_size)
+  ds = ds.batch(d.batch_size // process_count, drop_remainder=True)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.num_threads),
+                                            prefetch_buffer_size=int(d.prefetch_buffer_size)))
+  if int(d.num_workers) > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app
+      flags.FLAGS.mark_as_parsed()   # (scripts, notebooks, tests) use their defaults.
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
+  return it
+
+
+def make_iterator(config, split: str, *, process_index=None, process_count=None, seed=None,
+                  shuffle=True, num_epochs=None, augment=None) -> grain.DatasetIterator:
+  """Iterator of per-process batches (module docstring) with get_state()/set_state().
+
+  Args:
+    split: a split of the configured data set (e.g. config.data.train_split).
+    process_index, process_count: this process's shard; default jax.process_index() and
+      jax.process_count(). data.batch_size is global and must divide by process_count.
+    seed: shuffle/augmentation seed (default config.seed); every epoch is reshuffled.
+    shuffle: False keeps the stored order (e.g. for evaluation).
+    num_epochs: None repeats forever; otherwise the iterator stops after that many
+      passes (the last partial batch is dropped).
+    augment: None = augmentation on the train split only.
+  """
+  return iter(make_dataset(config, split, process_index=process_index,
+                           process_count=process_count, seed=seed, shuffle=shuffle,
+                           num_epochs=num_epochs, augment=augment))
+
+
+class _EvalRecord:
+  """raw -> decode_record with ``video`` replaced by ``frames`` at the model's shape."""
+
+  def __init__(self, num_frames: int, image_size: int):
+    self.num_frames, self.image_size = num_frames, image_size
+
+  def __call__(self, raw):
+    record = decode_record(raw)
+    video = frames_lib.resample(record.pop("video"), self.num_frames, "middle")
+    record["frames"] = frames_lib.resize(video, self.image_size)
+    return record
+
+
+def make_eval_records(config, split: str, *, process_index: int = 0,
+                      process_count: int = 1) -> grain.MapDataset:
+  """Random-access raw examples for evaluators, in stored order (optionally sharded).
+
+  Each record: id, source, task, kind ("typical" | "unusual" | "scene_only" | ""),
+  action, scene (str), candidates (list of str), qa (list of {i, q, a, task, aspect:
+  str, pair: int}; UNSCENE duals share ``pair`` and have task "unscene_binary"), frames
+  (uint8 [T, H, W, 3] at the model's shape, middle-frame sampling). Prompts for
+  generation: chat.encode_prompt(registry.load_tokenizer(config), template, q, i).
+  """
+  ds = grain.MapDataset.source(registry.data_source(config, split))
+  ds = shard(ds, process_index, process_count, equal=False)
+  return ds.map(_EvalRecord(config.model.num_frames, config.model.vision.image_size))
+
+
+def num_examples(config, split: str) -> int:
+  return len(registry.data_source(config, split))

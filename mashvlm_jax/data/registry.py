@@ -1,0 +1,156 @@
+"""From ``config.data`` to TFDS builders, data sources and the tokenizer.
+
+``ensure_built(config)`` builds the configured data set when it is not on disk yet (the
+training command calls it, so a fresh machine trains on the first run);
+``mashvlm make-data`` calls it explicitly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+
+from mashvlm_jax.data import builders
+from mashvlm_jax.data import tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
+
+NAMES = ("synthetic_unscene", "local_video_qa")
+
+
+def data_dir(config) -> str:
+  """config.data.data_dir with ``~`` expanded (the config reads $MASHVLM_DATA_DIR)."""
+  return os.path.expanduser(str(config.data.data_dir))
+
+
+def stored_shape(config) -> tuple[int, int]:
+  """(frames, size) written at build time: data.stored_* or, when 0, the model's."""
+  d, m = config.data, config.model
+  return (int(d.get("stored_frames", 0)) or int(m.num_frames),
+          int(d.get("stored_size", 0)) or int(m.vision.image_size))
+
+
+def sources(config) -> tuple:
+  """data.annotations as (split, absolute JSON path, absolute video root) tuples."""
+  out = []
+  default_root = str(config.data.get("video_root", ""))
+  for split, value in dict(config.data.get("annotations", {})).items():
+    entries = value if isinstance(value, (list, tuple)) else [value]
+    for entry in entries:
+      if isinstance(entry, str):
+        path, root = entry, default_root
+      else:
+        entry = dict(entry)
+        if "path" not in entry:
+          raise ValueError(f"data.annotations[{split!r}] entry {entry} has no 'path'")
+        path, root = entry["path"], entry.get("video_root", default_root)
+      out.append((split, os.path.abspath(os.path.expanduser(path)),
+                  os.path.abspath(os.path.expanduser(root or "."))))
+  if not out:
+    raise ValueError("data.name='local_video_qa' needs data.annotations: split -> JSON file "
+                     "or directory (e.g. {'train': 'it.json'})")
+  return tuple(out)
+
+
+def _fingerprint(srcs, params) -> str:
+  """Hash of the annotation files (paths, sizes, mtimes) and build parameters."""
+  h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+  for split, path, root in srcs:
+    h.update(f"{split}|{path}|{root}".encode())
+    p = pathlib.Path(path)
+    for f in sorted(p.glob("*.json")) if p.is_dir() else [p]:
+      if f.exists():
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+  return h.hexdigest()[:12]
+
+
+def builder(config):
+  """The TFDS builder instance the config names (nothing is built or read)."""
+  d = config.data
+  frames, size = stored_shape(config)
+  common = dict(data_dir=data_dir(config), file_format="array_record")
+  if d.name == "synthetic_unscene":
+    cfg = builders.synthetic_config(d.builder_config, frames, size, float(d.typical_prob),
+                                    float(d.scene_only_share), int(d.seed),
+                                    int(d.get("train_size", 0)), int(d.get("test_size", 0)))
+    known = {c.name for c in builders.SyntheticUnscene.BUILDER_CONFIGS}
+    return builders.SyntheticUnscene(config=cfg.name if cfg.name in known else cfg, **common)
+  if d.name == "local_video_qa":
+    srcs = sources(config)
+    params = dict(frames=frames, size=size, mode=d.build_sample_mode, seed=int(d.seed))
+    cfg = builders.LocalConfig(
+        name=f"local_{_fingerprint(srcs, params)}", sources=srcs, num_frames=frames,
+        size=size, sample_mode=d.build_sample_mode,
+        max_failure_share=float(d.max_failure_share), num_threads=int(d.build_threads),
+        seed=int(d.seed), description=f"local annotations {[s[1] for s in srcs]}")
+    return builders.LocalVideoQa(config=cfg, **common)
+  raise ValueError(f"unknown data.name {d.name!r}; known: {NAMES}")
+
+
+def ensure_built(config, overwrite: bool = False):
+  """Builds the configured data set unless it is already complete; returns the builder
+  (with ``report``: per split, records total/written and the skipped ones, when built).
+
+  Builds are atomic (builders.py): an interrupted or failed build leaves nothing a
+  reader would take for a finished data set. ``overwrite`` rebuilds a finished one.
+  """
+  import tensorflow_datasets as tfds
+  b = builder(config)
+  if b.is_prepared() and not overwrite:
+    return b
+  tfds.disable_progress_bar()
+  log.info("building %s/%s in %s", b.name, b.builder_config.name, data_dir(config))
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if not overwrite
+          else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
+  b.download_and_prepare(file_format="array_record",
+                         download_config=tfds.download.DownloadConfig(download_mode=mode))
+  fresh = builder(config)  # a fresh instance reads the finished directory's metadata
+  fresh.report = getattr(b, "report", {})
+  return fresh
+
+
+def built_builder(config):
+  """The builder, which must be built already (clear error otherwise)."""
+  b = builder(config)
+  if not b.is_prepared():
+    raise FileNotFoundError(
+        f"data set {b.name}/{b.builder_config.name} is not built in {data_dir(config)}; run "
+        f"`mashvlm make-data --config=<your config>` (or call "
+        f"mashvlm_jax.data.registry.ensure_built(config))")
+  return b
+
+
+def data_source(config, split: str):
+  """Random-access ArrayRecord source of one split (decoded numpy dicts)."""
+  b = built_builder(config)
+  if split not in b.info.splits:
+    raise ValueError(f"split {split!r} is not in {b.name}/{b.builder_config.name}; "
+                     f"known: {sorted(b.info.splits)}")
+  return b.as_data_source(split=split)
+
+
+def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
+  """data.tokenizer: kind "word" (stored with the synthetic data), "hf" or "sentencepiece"
+  (data.tokenizer.path). Checks that the ids fit model.llm.vocab_size."""
+  t = config.data.tokenizer
+  if t.kind == "word":
+    if config.data.name != "synthetic_unscene":
+      raise ValueError("data.tokenizer.kind='word' only exists for the synthetic set; set "
+                       "data.tokenizer.kind='hf' or 'sentencepiece' and data.tokenizer.path")
+    path = pathlib.Path(str(built_builder(config).data_path)) / builders.TOKENIZER_FILE
+    if not path.exists():  # deterministic: rebuild a lost file from the vocabulary
+      tokenizer_lib.save_atomic(
+          tokenizer_lib.build_word_tokenizer(builders.vocabulary_texts()), path)
+    tok = tokenizer_lib.Tokenizer(str(path), "hf", t.bos, t.eos)
+  else:
+    if not t.path:
+      raise ValueError(f"data.tokenizer.kind={t.kind!r} needs data.tokenizer.path")
+    tok = tokenizer_lib.Tokenizer(os.path.expanduser(str(t.path)), t.kind, t.bos, t.eos)
+  vocab = int(config.model.llm.vocab_size)
+  if tok.vocab_size > vocab:
+    raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but "
+                     f"model.llm.vocab_size is {vocab}")
+  return tok

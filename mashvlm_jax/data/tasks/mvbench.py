@@ -1,0 +1,28 @@
+"""MVBench multiple choice (one JSON per task: video, question, candidates, answer).
+
+The question lists the candidates as "(A) ...", the answer is "(X) <answer text>", and the
+instruction asks for the best option, the usual MVBench prompt.
+"""
+from __future__ import annotations
+
+from mashvlm_jax.data.tasks import qa
+
+TASK = "mvbench"
+INSTRUCTION = ("Carefully watch the video and pay attention to the cause and sequence of "
+               "events, the detail and movement of objects, and the action and pose of "
+               "persons. Based on your observations, select the best option that accurately "
+               "addresses the question.")
+
+
+def option_letter(index: int) -> str:
+  return chr(ord("A") + index)
+
+
+def questions(question: str, candidates: list[str], answer: str) -> list[dict]:
+  """One QA; raises ValueError when ``answer`` is not among ``candidates``."""
+  if answer not in candidates:
+    raise ValueError(f"answer {answer!r} is not one of the candidates {candidates!r}")
+  lines = [f"Question: {question}", "Options:"]
+  lines += [f"({option_letter(k)}) {c}" for k, c in enumerate(candidates)]
+  target = f"({option_letter(candidates.index(answer))}) {answer}"
+  return [qa("\n".join(lines), target, task=TASK, i=INSTRUCTION)]

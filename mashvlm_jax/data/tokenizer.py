@@ -1,0 +1,138 @@
+"""Tokenizers behind one small interface: a local HuggingFace ``tokenizer.json``, a
+SentencePiece ``.model``, or the word-level tokenizer of the synthetic set.
+
+The word-level tokenizer is built with the ``tokenizers`` library from every string the
+synthetic generator can emit (plus the chat markers), lower-cased and split on
+whitespace/punctuation; it is saved as ``tokenizer.json`` next to the data it belongs to.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+from typing import Iterable
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+KINDS = ("word", "hf", "sentencepiece")
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """encode(text) -> ids without special tokens; special ids as attributes.
+
+  Pickles as its file path (loaded lazily), so Grain worker processes can receive it.
+  """
+  path: str
+  kind: str = "hf"
+  bos: str = BOS
+  eos: str = EOS
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"tokenizer kind must be one of {KINDS}, found {self.kind!r}")
+    if not os.path.exists(self.path):
+      raise FileNotFoundError(f"tokenizer file {self.path} ({self.kind}) does not exist")
+    self._impl = None
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_impl"} | {"_impl": None}
+
+  @property
+  def impl(self):
+    if self._impl is None:
+      if self.kind == "sentencepiece":
+        import sentencepiece
+        self._impl = sentencepiece.SentencePieceProcessor(model_file=self.path)
+      else:
+        import tokenizers
+        self._impl = tokenizers.Tokenizer.from_file(self.path)
+    return self._impl
+
+  def encode(self, text: str) -> list[int]:
+    if self.kind == "sentencepiece":
+      return list(self.impl.encode(text))
+    return list(self.impl.encode(text, add_special_tokens=False).ids)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    ids = [int(i) for i in ids]
+    if self.kind == "sentencepiece":
+      return self.impl.decode(ids)
+    return self.impl.decode(ids, skip_special_tokens=False)
+
+  def _special(self, token: str, sp_attr: str) -> int:
+    if self.kind == "sentencepiece":
+      value = getattr(self.impl, sp_attr)()
+      if value < 0:
+        raise ValueError(f"SentencePiece model {self.path} has no {sp_attr[:-3]} token")
+      return value
+    value = self.impl.token_to_id(token)
+    if value is None:
+      raise ValueError(f"tokenizer {self.path} has no token {token!r}; set "
+                       f"data.tokenizer.bos/eos to its special tokens")
+    return value
+
+  @property
+  def bos_id(self) -> int:
+    return self._special(self.bos, "bos_id")
+
+  @property
+  def eos_id(self) -> int:
+    return self._special(self.eos, "eos_id")
+
+  @property
+  def pad_id(self) -> int:
+    """The padding id (labels and padded text positions); 0 where the model has none."""
+    if self.kind == "sentencepiece":
+      return max(0, self.impl.pad_id())
+    value = self.impl.token_to_id(PAD)
+    return 0 if value is None else value
+
+  @property
+  def unk_id(self) -> int | None:
+    if self.kind == "sentencepiece":
+      return self.impl.unk_id()
+    return self.impl.token_to_id(UNK)
+
+  @property
+  def vocab_size(self) -> int:
+    if self.kind == "sentencepiece":
+      return self.impl.get_piece_size()
+    return self.impl.get_vocab_size(with_added_tokens=True)
+
+
+def split_words(text: str) -> list[str]:
+  """The word-level tokenizer's words: lower-cased, whitespace/punctuation split."""
+  import tokenizers
+  return [w for w, _ in tokenizers.pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())]
+
+
+def build_word_tokenizer(texts: Iterable[str]):
+  """A ``tokenizers.Tokenizer`` (WordLevel) over the words of ``texts``.
+
+  Ids: <pad>=0, <unk>=1, <s>=2, </s>=3, then the words in sorted order.
+  """
+  import tokenizers
+  from tokenizers import models, normalizers, pre_tokenizers
+  words = sorted({w for text in texts for w in split_words(text)})
+  vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS] + words)}
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+  tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.add_special_tokens([PAD, UNK, BOS, EOS])
+  return tok
+
+
+def save_atomic(tok, path: str | os.PathLike) -> None:
+  """Writes a ``tokenizers.Tokenizer`` to ``path`` via a temporary file and a rename."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    tok.save(tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
