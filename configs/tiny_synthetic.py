@@ -3,6 +3,8 @@
 Variants: --config=configs/tiny_synthetic.py:ablation=t7_distinct (names in
 mashvlm_jax/config_lib.py ABLATIONS), dtype=bfloat16.
 """
+import os
+
 import ml_collections
 
 from mashvlm_jax import config_lib
@@ -34,4 +36,59 @@ def get_config(arg=None):
       attention_backend="dense",
   ))
   config_lib.apply_ablation(config.model, arg.ablation)
+
+  # Input data (mashvlm_jax/data/; `mashvlm make-data --config=...` builds it). The
+  # synthetic set is stored at the model's frame count and resolution; its word-level
+  # tokenizer (55 tokens) is stored with it and fits in vocab_size=512 (kept: a
+  # multiple of 64).
+  config.data = ml_collections.ConfigDict(dict(
+      name="synthetic_unscene",  # | "local_video_qa" (annotations + video_root below)
+      builder_config="default",  # synthetic sizes: tiny | default | large
+      train_size=0,  # clips in train / in each test split; 0 = the preset's
+      test_size=0,
+      data_dir=os.environ.get("MASHVLM_DATA_DIR", "./data_cache"),
+      stored_frames=0,  # frames/size written at build time; 0 = the model's
+      stored_size=0,
+      typical_prob=0.9,  # train: share of clips with the action's typical scene
+      scene_only_share=0.05,  # train: share of clips without an actor
+      seed=0,  # data generation seed (the shuffle seed is config.seed)
+      train_split="train",
+      eval_splits=("test_typical", "test_unusual", "test_scene_only"),
+      batch_size=16,  # global; each process yields batch_size / process_count rows
+      text_len=config.get_ref("text_len"),
+      qa_mode="sample",  # one random QA turn per visit | "all": the whole record as chat
+      sample_mode="rand",  # temporal resampling when stored frames != model frames
+      augment=dict(random_resized_crop=True, crop_scale=(0.8, 1.0),
+                   crop_ratio=(0.75, 1.3333), flip=False),  # train split only
+      tokenizer=dict(kind="word", path="", bos="<s>", eos="</s>"),  # path: hf/sentencepiece
+      template=dict(system="", user="USER:", assistant="ASSISTANT:"),
+      num_workers=0,  # Grain worker processes (0: in the main process)
+      num_threads=2,  # reader threads per process
+      prefetch_buffer_size=64,
+      # Users' data (name="local_video_qa"): split -> JSON file or directory, or a list
+      # of {"path", "video_root"}; decoded with `build_sample_mode` at build time.
+      annotations={},
+      video_root="",
+      build_sample_mode="middle",
+      build_threads=4,
+      max_failure_share=0.05,  # a build fails when more records than this are unusable
+  ))
+
+  # Training (mashvlm train): 2 CPU cores, about 10 minutes from a fresh machine.
+  config.total_steps = 1500
+  config.checkpoint_every = 500
+  config.log_every = 50
+  config.keep_checkpoints = 3
+  config.async_checkpointing = True
+  config.init_from = ""  # an `mashvlm import-hf` output directory
+  config.grad_accum_steps = 1
+  config.nan_policy = "stop"  # "stop": raise, last good checkpoint intact | "skip"
+  config.log_batch_fingerprints = False  # batches.jsonl: a hash of every step's batch
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=2e-3, warmup_steps=100, final_lr_ratio=0.05, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.01, clip_norm=1.0,
+      freeze=[],  # regexes over "/"-joined param paths; model.freeze_vision adds the tower
+      lr_multipliers={},  # {regex: factor}
+      no_decay=r"(norm|bias)"))
   return config

@@ -5,6 +5,11 @@ Layout of ``directory``:
   model_config.json   ModelConfig.to_dict()
 The directory is written as a temporary sibling and renamed at the end, so a crash never
 leaves a half-written checkpoint under the final name.
+
+``load_params`` also reads the trainer's checkpoints (train/checkpoint.py): a step
+directory ``<workdir>/checkpoints/<step>/`` (its ``state`` item's ``params`` subtree) or a
+whole workdir (its latest finished step); the ModelConfig is the workdir's
+``model_config.json``. Reading goes through etils.epath, so gs:// paths work.
 """
 from __future__ import annotations
 
@@ -90,10 +95,36 @@ def save_params(directory, params: Mapping, model_cfg, *, overwrite: bool = Fals
   return pathlib.Path(directory).absolute()
 
 
+def _epath(directory):
+  from etils import epath
+  return epath.Path(directory)
+
+
+def resolve_checkpoint(directory):
+  """(Orbax item path, subtree key or None, directory holding model_config.json).
+
+  Accepts an import-hf/params directory, a trainer step directory or a trainer workdir.
+  """
+  root = _epath(directory)
+  if (root / PARAMS_DIR).is_dir():
+    return root / PARAMS_DIR, None, root
+  if (root / "state").is_dir():  # <workdir>/checkpoints/<step>
+    return root / "state", "params", root.parent.parent
+  if (root / "checkpoints").is_dir():  # a trainer workdir: its latest finished step
+    steps = sorted(int(p.name) for p in (root / "checkpoints").iterdir()
+                   if p.name.isdigit() and (p / "state").is_dir())
+    if not steps:
+      raise ConversionError(f"{root / 'checkpoints'} holds no finished checkpoint")
+    return root / "checkpoints" / str(steps[-1]) / "state", "params", root
+  raise ConversionError(f"{directory} is not a params checkpoint: expected {PARAMS_DIR}/ "
+                        f"and {CONFIG_FILE} (import-hf), a trainer step directory with "
+                        f"state/, or a trainer workdir with checkpoints/")
+
+
 def load_model_config(directory):
   """The ModelConfig stored beside the params (validated)."""
   from mashvlm_jax.model.config import ModelConfig
-  path = pathlib.Path(directory) / CONFIG_FILE
+  path = _epath(directory) / CONFIG_FILE
   if not path.is_file():
     raise ConversionError(f"{path} is missing: {directory} is not a mashvlm params "
                           f"checkpoint (expected {PARAMS_DIR}/ and {CONFIG_FILE})")
@@ -108,16 +139,19 @@ def load_params(directory, *, check: bool = True):
   """
   import jax
   import orbax.checkpoint as ocp
-  cfg = load_model_config(directory)
-  path = pathlib.Path(directory).absolute() / PARAMS_DIR
-  if not path.is_dir():
-    raise ConversionError(f"{path} is missing: no Orbax params in {directory}")
+  path, subtree, config_dir = resolve_checkpoint(directory)
+  cfg = load_model_config(config_dir)
   tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  if subtree is not None:
+    tree = {subtree: tree[subtree]}
   budget = _budget_gb([np.dtype(m.dtype).itemsize * math.prod(m.shape)
                        for m in jax.tree.leaves(tree)])
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=budget))
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=tree, restore_args=restore_args, partial_restore=subtree is not None))
+  if subtree is not None:
+    params = params[subtree]
   if check:
     check_params(params, cfg, str(directory))
   return params, cfg

@@ -7,6 +7,7 @@ Workdir layout:
   tensorboard/          event files
   loss_curve.png        written at the end
   config.json           the resolved config
+  model_config.json     the model config (export-torch and evaluators read it)
 """
 from __future__ import annotations
 
@@ -322,6 +323,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    # what export-torch and evaluators read with a checkpoint (convert/params_io.py)
+    (workdir / "model_config.json").write_text(
+        json.dumps(setup.model_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                        keep=int(config.get("keep_checkpoints", 3)),
                                        use_async=bool(config.get("async_checkpointing", True)))
