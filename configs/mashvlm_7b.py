@@ -3,6 +3,8 @@
 
 Variants: --config=configs/mashvlm_7b.py:ablation=t6_disable_none,remat=dots
 """
+import os
+
 import ml_collections
 
 from mashvlm_jax import config_lib
@@ -34,4 +36,55 @@ def get_config(arg=None):
       attention_backend="dense",
   ))
   config_lib.apply_ablation(config.model, arg.ablation)
+
+  # Training: instruction tuning as in VideoChat2/LLaVA stage 2 (global batch 128, AdamW
+  # 2e-5, cosine), bf16 compute (model.dtype) with float32 master weights and optimizer
+  # state (model.param_dtype), full remat. `mashvlm compile --config=configs/mashvlm_7b.py
+  # --topology=v5p-8` checks that a slice holds it (docs/compile.md).
+  config.total_steps = 5000
+  config.checkpoint_every = 500
+  config.log_every = 10
+  config.grad_accum_steps = 1
+  config.nan_policy = "stop"
+  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=2e-5, warmup_steps=100, final_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.0, clip_norm=1.0,
+      freeze=[],  # the vision tower is frozen by model.freeze_vision
+      lr_multipliers={}, no_decay=r"(norm|bias)"))
+
+  # Users' video QA data (mashvlm_jax/data/; `mashvlm make-data` builds it): set
+  # data.annotations, data.video_root and data.tokenizer.path (Vicuna's tokenizer.model).
+  config.data = ml_collections.ConfigDict(dict(
+      name="local_video_qa",
+      builder_config="default",
+      train_size=0,
+      test_size=0,
+      data_dir=os.environ.get("MASHVLM_DATA_DIR", "./data_cache"),
+      stored_frames=0,  # 0 = the model's frame count / resolution
+      stored_size=0,
+      typical_prob=0.9,  # synthetic_unscene only
+      scene_only_share=0.05,  # synthetic_unscene only
+      seed=0,
+      train_split="train",
+      eval_splits=(),
+      batch_size=128,  # global rows per optimizer step
+      text_len=config.get_ref("text_len"),
+      qa_mode="sample",
+      sample_mode="rand",
+      augment=dict(random_resized_crop=False, crop_scale=(0.8, 1.0),
+                   crop_ratio=(0.75, 1.3333), flip=False),
+      tokenizer=dict(kind="sentencepiece", path="", bos="<s>", eos="</s>"),
+      template=dict(system="A chat between a curious user and an artificial intelligence "
+                    "assistant. The assistant gives helpful, detailed, and polite answers "
+                    "to the user's questions.", user="USER:", assistant="ASSISTANT:"),
+      num_workers=8,
+      num_threads=16,
+      prefetch_buffer_size=256,
+      annotations={},
+      video_root="",
+      build_sample_mode="middle",
+      build_threads=16,
+      max_failure_share=0.05,
+  ))
   return config

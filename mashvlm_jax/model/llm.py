@@ -32,8 +32,12 @@ REMAT_POLICIES = {
 
 
 def partitioned(init, axes):
-  """Initializer carrying logical axis names (mapped to mesh axes in train/sharding.py)."""
-  return nn.with_logical_partitioning(init, axes)
+  """Initializer carrying logical axis names (mapped to mesh axes in train/sharding.py).
+
+  ``rules=()``: unboxing adds no sharding constraint (jit in/out shardings place the
+  parameters); DenseGeneral boxes its kernel while still flat, which a constraint under a
+  mesh rejects (flax issue #3676)."""
+  return nn.with_logical_partitioning(init, axes, rules=())
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,50 @@
+"""Compile a config's full train step for a TPU slice here (AOT) and check it fits in HBM.
+
+``mashvlm compile --config=configs/mashvlm_7b.py --topology=v5p-64 [--mesh=fsdp=-1,tensor=1]
+[--config.data.batch_size=128] [--config.data.text_len=512] [--json=report.json]``
+lowers and compiles the trainer's step (frozen vision forward, LLM forward and backward,
+optimizer update) for the slice's TPU devices on this machine, from abstract inputs only,
+and prints the per-chip memory (arguments, outputs, temporaries, generated code, total)
+against the chip's HBM, the analytic TFLOPs per step and the step time at ``--mfu``.
+Exit status: 0 fits, 1 does not fit, 2 bad arguments. The attention backend is "splash"
+unless the command line sets ``--config.model.attention_backend``; missing training keys
+come from ``mashvlm_jax/train/defaults.py``. Needs libtpu (``pip install -e '.[tpu]'``),
+no TPU. Topology names: docs/compile.md, ``mashvlm_jax/train/compile_check.py``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# The compile targets libtpu's compile-only devices; the local backend stays the CPU, so a
+# TPU VM busy with training is not touched and a machine with libtpu but no TPU is quiet.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mashvlm_7b.py",
+                                lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p-64, v4-32, v5e-256, "
+                                "v6e-64, or a torus shape such as v5p:2x4x4.")
+_MESH = flags.DEFINE_string("mesh", None, "Mesh axes overriding config.mesh, e.g. "
+                            "'data=1,fsdp=-1,tensor=1' (-1: the remaining chips).")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation for the step-time estimate.")
+_JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
+
+BACKEND_KEY = "model.attention_backend"
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  if config is None or not _TOPOLOGY.value:
+    raise SystemExit("mashvlm compile: --config and --topology are required, e.g. "
+                     "--config=configs/mashvlm_7b.py --topology=v5p-64")
+  from mashvlm_jax.train import compile_check
+  overridden = BACKEND_KEY in config_flags.get_override_values(flags.FLAGS["config"])
+  code = compile_check.run(config, _TOPOLOGY.value, mesh_text=_MESH.value,
+                           attention_backend=None if overridden else "splash",
+                           mfu=_MFU.value, json_path=_JSON.value,
+                           echo=lambda line: print(line, flush=True))
+  sys.exit(code)
