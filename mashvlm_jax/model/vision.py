@@ -49,6 +49,7 @@ class VisionLayer(nn.Module):
   @nn.compact
   def __call__(self, carry):
     x, selected, index = carry
+    x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))  # frames split
     cfg = self.cfg
     norm = functools.partial(nn.LayerNorm, epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                              param_dtype=self.param_dtype,
