@@ -65,6 +65,19 @@ def main():
   for fig in pipeline_figures(config, num_batches=args.batches):
     print(f"  workers={fig['workers']}: {fig['samples_per_s']:8.0f} samples/s "
           f"(start-up {fig['startup_s']:.1f}s)")
+  print(f"  train step:  {train_samples_per_s(config):8.0f} samples/s (jitted tiny step, "
+        f"same batch; the pipeline must stay above this)")
+
+
+def train_samples_per_s(config, steps: int = 5) -> float:
+  """Samples/s of the jitted train step of ``config`` at data.batch_size (random data)."""
+  import sys
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import train_step
+  from mashvlm_jax.model.config import ModelConfig
+  cfg = ModelConfig.from_dict(config.model)
+  batch, text_len = int(config.data.batch_size), int(config.data.text_len)
+  return batch / train_step.ours(cfg, batch, text_len, steps)
 
 
 if __name__ == "__main__":
