@@ -2,7 +2,6 @@
 SIGTERM, an 8-device fsdp x tensor mesh, and 2 processes on 127.0.0.1 against 1 process."""
 import json
 import os
-import pathlib
 import signal
 import socket
 import subprocess
