@@ -179,3 +179,39 @@ def plain_causal_switches() -> dict:
   """dst_mask switches under which the mask is ordinary causal attention."""
   return dict(temporal="causal", spatial="causal", temporal_sees_spatial=False,
               spatial_sees_temporal=True)
+
+
+# ------------------------------------------------------------------------------ decoding
+
+def last_real_index(types):
+  """int[...]: sequence index of each row's last non-pad token (-1 for an all-pad row)."""
+  xp = _xp(types)
+  pos = xp.arange(types.shape[-1])
+  return xp.max(xp.where(types != PAD, pos, -1), axis=-1).astype(xp.int32)
+
+
+def next_position_ids(position_ids, types, steps=0):
+  """int[..., 2]: both id streams of the token generated ``steps`` tokens after the last
+  real one, i.e. each stream's id of the last non-pad token + 1 + steps.
+
+  ``position_ids`` int[..., 2, S] and ``types`` int[..., S] describe the prompt (the KV
+  cache's prefill); ``steps`` is an int or int[...]. Appending text tokens right after
+  the last real token, this equals ``position_ids`` of the grown sequence (DESIGN.md:
+  decoding continues both streams by +1 per generated token).
+  """
+  xp = _xp(types)
+  last = last_real_index(types)
+  index = xp.broadcast_to(last[..., None, None], position_ids.shape[:-1] + (1,))
+  ids = xp.take_along_axis(position_ids, index, axis=-1)[..., 0]
+  return (ids + 1 + xp.asarray(steps, xp.int32)[..., None]).astype(xp.int32)
+
+
+def text_query_mask(key_types, query_positions):
+  """bool[..., Q, S]: the ``dst_mask`` rows of text queries at sequence indices
+  ``query_positions`` int[..., Q] over keys of types ``key_types`` int[..., S]: every
+  non-pad key at or before the query (text is causal over the whole row). Used for the
+  KV-cache steps, where ``key_types`` is the cache's (PAD where nothing is written yet).
+  """
+  xp = _xp(key_types)
+  pos = xp.arange(key_types.shape[-1])
+  return (key_types[..., None, :] != PAD) & (pos <= query_positions[..., :, None])

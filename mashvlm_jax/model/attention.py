@@ -106,6 +106,14 @@ def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     [B, Sq, Hq, D] in q.dtype; logits and softmax in float32.
   """
   batch, q_len, num_heads, head_dim = q.shape
+  probs = jax.nn.softmax(_masked_logits(q, k, mask), axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+  return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _masked_logits(q, k, mask):
+  """float32 [B, Hkv, group, Sq, Sk]: scaled q.k logits, masked entries at _MASK_VALUE."""
+  batch, q_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   if num_heads % num_kv:
     raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv})")
@@ -116,9 +124,17 @@ def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
   if mask is not None:
     mask = jnp.broadcast_to(mask, (batch,) + mask.shape[-2:])[:, None, None]
     logits = jnp.where(mask, logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
-  return out.reshape(batch, q_len, num_heads, head_dim)
+  return logits
+
+
+def attention_probs(q, k, mask) -> jnp.ndarray:
+  """float32 [B, Hq, Sq, Sk]: the dense softmax weights of ``dense_attention`` (analysis:
+  attention plots). ``mask`` as there, or a ``MaskLayout``."""
+  if isinstance(mask, MaskLayout):
+    mask = mask.dense()
+  probs = jax.nn.softmax(_masked_logits(q, k, mask), axis=-1)
+  batch, num_kv, group, q_len, k_len = probs.shape
+  return probs.reshape(batch, num_kv * group, q_len, k_len)
 
 
 def _dense(q, k, v, mask, mesh=None):

@@ -7,6 +7,14 @@ optional tied embeddings. The rotary embedding takes position ids int[B, 2, S]
 for "splash"/"gpu"); with distinct ids and a plain causal mask this is exactly LLaMA.
 Layers run under ``nn.scan`` (parameters stacked on a leading ``layers`` axis) with a
 configurable remat policy.
+
+Decoding (eval/generate.py): called with ``cache_index`` int[B], each attention layer
+keeps a flax ``cache`` collection of rotated keys and values [B, cache_len, Hkv, d]
+(stacked on the ``layers`` axis), writes the new chunk of each row at that row's offset
+and attends over the whole cache with a bool mask [B, chunk, cache_len] built by
+layout.py. Without ``cache_index`` (training) nothing of this runs. ``capture_attention``
+sows each layer's head-averaged attention probabilities into ``intermediates`` (analysis
+only; the training path does not compute them).
 """
 from __future__ import annotations
 
@@ -54,15 +62,28 @@ class RMSNorm(nn.Module):
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
+def write_rows(cache, new, index):
+  """cache [B, T, ...] with new [B, C, ...] written at rows' offsets index int[B]."""
+  new = new.astype(cache.dtype)
+  if new.shape[1] == 1:  # a decode step: a select, no scatter (and no transposes) on CPU
+    hit = jnp.arange(cache.shape[1])[None, :] == index[:, None]  # [B, T]
+    return jnp.where(hit.reshape(hit.shape + (1,) * (cache.ndim - 2)), new, cache)
+  return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(
+      cache, new, index)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with rotary embedding; q/k/v kernels [D, heads, d]."""
   cfg: LlamaConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   backend: str = "dense"
+  capture_probs: bool = False
 
   @nn.compact
-  def __call__(self, x, angles, mask):
+  def __call__(self, x, angles, mask, cache_index=None):
+    """x [B, C, D] -> [B, C, D]. With ``cache_index`` int[B] (decoding) ``mask`` is bool
+    [B, C, cache_len] over the cache, which this call creates on first use."""
     cfg = self.cfg
     dense = functools.partial(nn.DenseGeneral, use_bias=cfg.attention_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype)
@@ -75,7 +96,18 @@ class Attention(nn.Module):
               kernel_init=partitioned(_INIT, ("embed", "kv_heads", "kv")))(x)
     q = rope.apply_rotary(q, angles)
     k = rope.apply_rotary(k, angles)
-    out = attention_lib.attend(q, k, v, mask, backend=self.backend)
+    if cache_index is None:
+      out = attention_lib.attend(q, k, v, mask, backend=self.backend)
+    else:  # the fast backends need as many keys as queries: decoding is dense
+      shape = (k.shape[0], mask.shape[-1]) + k.shape[2:]
+      cached_k = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
+      cached_v = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
+      cached_k.value = k = write_rows(cached_k.value, k, cache_index)
+      cached_v.value = v = write_rows(cached_v.value, v, cache_index)
+      out = attention_lib.dense_attention(q, k, v, mask)
+    if self.capture_probs:
+      probs = attention_lib.attention_probs(q, k, mask)  # [B, Hq, C, keys]
+      self.sow("intermediates", "attention_probs", probs.mean(axis=1))
     return dense(x.shape[-1], axis=(-2, -1), name="o_proj",
                  kernel_init=partitioned(_INIT, ("heads", "kv", "embed")))(out)
 
@@ -102,13 +134,15 @@ class DecoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   backend: str = "dense"
+  capture_probs: bool = False
 
   @nn.compact
-  def __call__(self, x, angles, mask):
+  def __call__(self, x, angles, mask, cache_index=None):
     norm = functools.partial(RMSNorm, eps=self.cfg.rms_norm_eps, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
-    h = x + Attention(self.cfg, self.dtype, self.param_dtype, self.backend, name="self_attn")(
-        norm(name="input_layernorm")(x), angles, mask)
+    h = x + Attention(self.cfg, self.dtype, self.param_dtype, self.backend, self.capture_probs,
+                      name="self_attn")(norm(name="input_layernorm")(x), angles, mask,
+                                        cache_index)
     out = h + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(
         norm(name="post_attention_layernorm")(h))
     return out, None
@@ -118,11 +152,13 @@ def scanned(layer_cls, num_layers: int, remat_policy: str, num_broadcast: int, *
   """``layer_cls`` stacked ``num_layers`` times under nn.scan, optionally rematerialised.
 
   The layer's first argument is the scan carry; the next ``num_broadcast`` arguments are
-  shared by every layer. Parameters gain a leading ``layers`` axis.
+  shared by every layer. Parameters, decoding caches and sown intermediates gain a leading
+  ``layers`` axis.
   """
   if remat_policy != "none":
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-  return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+  return nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                 split_rngs={"params": True},
                  in_axes=(nn.broadcast,) * num_broadcast, length=num_layers,
                  metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs)
 
@@ -135,15 +171,17 @@ class LlamaDecoder(nn.Module):
   remat_policy: str = "none"
   attention_backend: str = "dense"
   attention_blocks: tuple[int, int] = (128, 128)  # splash (block_q, block_kv), causal_lm
+  capture_attention: bool = False  # sow per-layer attention probabilities (analysis)
 
   def setup(self):
     cfg = self.cfg
     self.embed_tokens = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=partitioned(_INIT, ("vocab", "embed")))
-    self.layers = scanned(DecoderLayer, cfg.num_layers, self.remat_policy, 2, cfg=cfg,
+    self.layers = scanned(DecoderLayer, cfg.num_layers, self.remat_policy, 3, cfg=cfg,
                           dtype=self.dtype, param_dtype=self.param_dtype,
-                          backend=self.attention_backend)
+                          backend=self.attention_backend,
+                          capture_probs=self.capture_attention)
     self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
@@ -156,7 +194,7 @@ class LlamaDecoder(nn.Module):
     """int[B, L] -> [B, L, D] in the compute dtype."""
     return self.embed_tokens(token_ids)
 
-  def __call__(self, inputs_embeds, position_ids, mask):
+  def __call__(self, inputs_embeds, position_ids, mask, cache_index=None):
     """Final-normed hidden states [B, S, D].
 
     Args:
@@ -164,10 +202,22 @@ class LlamaDecoder(nn.Module):
       position_ids: int[B, 2, S] (row 0: even rotary pairs, row 1: odd pairs).
       mask: bool[B, S, S] or [S, S], True = query may attend key (dense backend), or an
         ``attention.MaskLayout`` (any backend); see ``attention.attention_mask``.
+        Decoding: bool[B, S, cache_len] over the cache.
+      cache_index: None (no cache), or int[B]: each row's offset in the ``cache``
+        collection where this chunk of S tokens is written (apply with
+        ``mutable=["cache"]``; the first such call creates the cache).
     """
     angles = rope.rotary_angles(position_ids, self.inv_freq)
-    h, _ = self.layers(inputs_embeds.astype(self.dtype), angles, mask)
+    h, _ = self.layers(inputs_embeds.astype(self.dtype), angles, mask, cache_index)
     return self.norm(h)
+
+  def rotary(self, position_ids):
+    """Rotary angles float32 [B, S, d/2] of position ids int[B, 2, S]."""
+    return rope.rotary_angles(position_ids, self.inv_freq)
+
+  def head(self, hidden):
+    """Final norm and LM head: last-layer states [B, S, D] -> float32 logits."""
+    return self.logits(self.norm(hidden))
 
   def logits(self, hidden):
     """[B, S, D] -> float32 logits [B, S, vocab]."""
@@ -192,3 +242,28 @@ class LlamaDecoder(nn.Module):
     mask = attention_lib.attention_mask(types, spec, self.attention_backend)
     return self.logits(self(self.embed(token_ids), ids, mask))
 
+
+def unstack_layers(tree, num_layers: int) -> list:
+  """Per-layer trees of a tree whose leaves are stacked on a leading ``layers`` axis."""
+  return [jax.tree_util.tree_map(lambda x, i=i: x[i], tree) for i in range(num_layers)]
+
+
+def decode_unstacked(decoder: LlamaDecoder, params, layer_params: list, layer_caches: list,
+                     token_ids, position_ids, mask, cache_index):
+  """``decoder``'s forward over a chunk of new tokens with one parameter tree and one
+  ``cache`` tree per layer (``unstack_layers``) instead of the scanned stack.
+
+  Same computation as ``head(decoder(embed(token_ids), ..., cache_index))``; on CPU the
+  scan slices (copies) every layer's weights out of the stack at each decode step, and
+  separate per-layer buffers avoid that copy. Returns (logits float32 [B, C, vocab], the
+  per-layer caches after writing the chunk).
+  """
+  layer = DecoderLayer(decoder.cfg, decoder.dtype, decoder.param_dtype)
+  x = decoder.apply({"params": params}, token_ids, method=LlamaDecoder.embed)
+  angles = decoder.apply({"params": params}, position_ids, method=LlamaDecoder.rotary)
+  caches = []
+  for layer_p, cache in zip(layer_params, layer_caches):
+    (x, _), state = layer.apply({"params": layer_p, "cache": cache}, x, angles, mask,
+                                cache_index, mutable=["cache"])
+    caches.append(state["cache"])
+  return decoder.apply({"params": params}, x, method=LlamaDecoder.head), caches

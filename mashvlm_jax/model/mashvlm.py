@@ -3,6 +3,10 @@ Harmonic-RoPE and DST attention.
 
 frames [B, T, H, W, 3] + text ids [B, L] -> logits over the text positions [B, L, vocab].
 Each row is laid out ``[temporal M][spatial N][text L]`` (layout.py).
+
+Decoding with a KV cache (eval/generate.py) uses ``prefill`` (or ``prefill_video``) once
+and then ``extend`` per chunk of new text tokens, applied with ``mutable=["cache"]``;
+``capture_attention=True`` sows per-layer attention probabilities (eval/plots.py).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from mashvlm_jax.model.vision import ClipVisionEncoder, normalize_frames
 
 class MashVLM(nn.Module):
   cfg: ModelConfig
+  capture_attention: bool = False  # sow "intermediates"/.../attention_probs per layer
 
   def setup(self):
     cfg = self.cfg
@@ -30,7 +35,8 @@ class MashVLM(nn.Module):
     self.projector = Projector(cfg.llm.hidden_size, cfg.projector, **common)
     self.language_model = LlamaDecoder(
         cfg.llm, remat_policy=cfg.remat_policy, attention_backend=cfg.attention_backend,
-        attention_blocks=(cfg.splash_block_q, cfg.splash_block_kv), **common)
+        attention_blocks=(cfg.splash_block_q, cfg.splash_block_kv),
+        capture_attention=self.capture_attention, **common)
 
   def video_tokens(self, frames):
     """frames uint8 (0..255) or CLIP-normalised float [B, T, H, W, 3] ->
@@ -79,6 +85,57 @@ class MashVLM(nn.Module):
     embeds, _, ids, mask = self.sequence(frames, text_ids, text_mask)
     hidden = self.language_model(embeds, ids, mask)
     return self.language_model.logits(hidden[:, -text_ids.shape[1]:])
+
+  # ---------------------------------------------------------------- KV-cache decoding
+
+  def cache_mask(self, types, cache_len: int):
+    """bool[B, S, cache_len]: the config's ``layout.dst_mask`` of ``types`` [B, S] with the
+    cache slots past S (not written yet) as hidden pad keys."""
+    length = types.shape[-1]
+    if cache_len < length:
+      raise ValueError(f"cache_len={cache_len} is shorter than the prefill ({length} tokens)")
+    pad = jnp.full(types.shape[:-1] + (cache_len - length,), layout.PAD, types.dtype)
+    full = jnp.concatenate([types, pad], axis=-1)
+    return layout.dst_mask(full, **self.cfg.mask.as_kwargs())[..., :length, :]
+
+  def prefill(self, frames, text_ids, text_mask, cache_len: int):
+    """Runs ``[video][text]`` once with the config's mask, writing the KV cache at 0..S-1
+    (apply with ``mutable=["cache"]``).
+
+    Returns (logits float32 [B, L, vocab] at the text positions, types int[B, S],
+    position ids int[B, 2, S]); S = M + N + L <= cache_len.
+    """
+    embeds, types, ids, _ = self.sequence(frames, text_ids, text_mask)
+    start = jnp.zeros(types.shape[:1], jnp.int32)
+    hidden = self.language_model(embeds, ids, self.cache_mask(types, cache_len), start)
+    return self.language_model.logits(hidden[:, -text_ids.shape[1]:]), types, ids
+
+  def prefill_video(self, frames, cache_len: int):
+    """Runs the video block alone into the cache at 0..M+N-1 and returns (types int[B, M+N],
+    position ids int[B, 2, M+N]). No video query sees text, so these keys and values are
+    those of any ``[video][text]`` row: questions about one video can share them."""
+    temporal, spatial = self.video_tokens(frames)
+    dtype = self.cfg.compute_dtype
+    embeds = jnp.concatenate([temporal.astype(dtype), spatial.astype(dtype)], axis=1)
+    no_text = jnp.zeros((embeds.shape[0], 0), bool)
+    types = layout.text_token_types(no_text, temporal.shape[1], spatial.shape[1])
+    ids = layout.position_ids(types, self.cfg.rope_mode)
+    start = jnp.zeros(types.shape[:1], jnp.int32)
+    self.language_model(embeds, ids, self.cache_mask(types, cache_len), start)
+    return types, ids
+
+  def extend(self, text_ids, position_ids, mask, cache_index):
+    """Appends text tokens to the cache and returns their logits float32 [B, C, vocab].
+
+    Args:
+      text_ids: int[B, C] new tokens; row b's land at cache slots cache_index[b] + 0..C-1.
+      position_ids: int[B, 2, C] (``layout.next_position_ids`` / ``position_ids``).
+      mask: bool[B, C, cache_len] (``layout.text_query_mask`` over the cache's types).
+      cache_index: int[B].
+    """
+    embeds = self.language_model.embed(text_ids)
+    hidden = self.language_model(embeds, position_ids, mask, cache_index)
+    return self.language_model.logits(hidden)
 
 
 def attention_spec(cfg: ModelConfig, num_temporal: int, num_spatial: int):
