@@ -1,0 +1,189 @@
+"""What every evaluator shares: loading parameters, prompts, resumable JSONL predictions,
+a progress bar in items per second, and JSON + markdown results."""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Iterable
+
+import numpy as np
+
+log = logging.getLogger("mashvlm.eval")
+
+
+# ------------------------------------------------------------------------------ parameters
+
+def resolve_checkpoint(path) -> tuple[pathlib.Path, int | None]:
+  """(Orbax checkpoints directory, step or None for the latest) for a trainer workdir,
+  its ``checkpoints/`` directory or one ``checkpoints/<step>/`` directory."""
+  path = pathlib.Path(path).expanduser().absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  if path.name.isdigit() and (path / "state").exists():
+    return path.parent, int(path.name)
+  if (path / "checkpoints").is_dir():
+    return path / "checkpoints", None
+  return path, None
+
+
+def load_params(config, path, step: int | None = None):
+  """Parameters (plain tree, replicated on the default mesh) of a trained checkpoint.
+
+  ``path``: a trainer workdir, its ``checkpoints/`` dir, a ``checkpoints/<step>`` dir, or
+  an ``mashvlm import-hf`` output (``params/`` + ``model_config.json``).
+  """
+  path = pathlib.Path(path).expanduser()
+  from mashvlm_jax.convert import params_io
+  if (path / params_io.PARAMS_DIR).is_dir() and (path / params_io.CONFIG_FILE).exists():
+    return params_io.load_params(str(path))[0]
+  from mashvlm_jax.train import checkpoint as ckpt_lib
+  from mashvlm_jax.train import trainer
+  directory, found_step = resolve_checkpoint(path)
+  check_model_config(config, directory.parent / "model_config.json")
+  checkpointer = ckpt_lib.Checkpointer(directory, use_async=False)
+  try:
+    step = step if step is not None else found_step
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {directory}")
+    setup = trainer.build(config)
+    abstract = trainer.with_shardings(setup.abstract_state, setup.state_shardings)
+    state, _ = checkpointer.restore(step, abstract, with_data=False)
+  finally:
+    checkpointer.close()
+  log.info("restored step %d from %s", step, directory)
+  return state.params
+
+
+# Keys that change what a checkpoint computes (ablation presets share parameter shapes,
+# so a wrong --config would load silently and evaluate another model).
+MODEL_KEYS = ("rope_mode", "mask", "num_frames", "projector", "vision", "llm")
+
+
+def check_model_config(config, path) -> None:
+  """Raises ValueError naming the keys where ``config.model`` differs from the model
+  config the trainer stored beside its checkpoints (no-op when there is none)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return
+  from mashvlm_jax.model.config import ModelConfig
+  stored = json.loads(path.read_text())
+  given = ModelConfig.from_dict(config.model).to_dict()
+  diff = [f"model.{k}: config {given[k]!r} vs checkpoint {stored.get(k)!r}"
+          for k in MODEL_KEYS if k in stored and given[k] != stored[k]]
+  if diff:
+    raise ValueError(f"--config does not describe the model trained in {path.parent} "
+                     f"(e.g. another ablation preset): " + "; ".join(diff))
+
+
+# ------------------------------------------------------------------------------ prompts
+
+class Prompter:
+  """Token ids of ``<s> {system} {instruction} USER: {q} ASSISTANT: [prefix]`` for the
+  config's tokenizer and chat template (data/chat.py)."""
+
+  def __init__(self, config, tokenizer=None):
+    from mashvlm_jax.data import chat, registry
+    self.tok = tokenizer or registry.load_tokenizer(config)
+    self.template = chat.ChatTemplate(**dict(config.data.template))
+    self._encode = chat.encode_prompt
+
+  def __call__(self, question: str, instruction: str = "", prefix: str = "") -> list:
+    ids = self._encode(self.tok, self.template, question, instruction)
+    return ids + (self.tok.encode(prefix) if prefix else [])
+
+  def token(self, word: str) -> int:
+    """The first token of ``word`` as an answer piece (how chat.py tokenises answers)."""
+    ids = self.tok.encode(word)
+    if not ids or (self.tok.unk_id is not None and ids[0] == self.tok.unk_id):
+      raise ValueError(f"{word!r} is not in the vocabulary of {self.tok.path}")
+    return ids[0]
+
+
+def eval_records(config, splits, max_items: int = 0):
+  """(split, record) for the first ``max_items`` records (0 = all) of each split, in
+  stored order (data/pipeline.py make_eval_records)."""
+  from mashvlm_jax.data import pipeline
+  for split in splits:
+    ds = pipeline.make_eval_records(config, split)
+    count = len(ds) if not max_items else min(max_items, len(ds))
+    for index in range(count):
+      yield split, ds[index]
+
+
+# ------------------------------------------------------------------------------ JSONL
+
+class PredictionLog:
+  """Append-only JSONL of predictions keyed by ``key``; a rerun skips the keys it holds
+  (a torn last line from an interrupted run is ignored)."""
+
+  def __init__(self, path, resume: bool = True):
+    self.path = pathlib.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.rows = {}
+    if resume and self.path.exists():
+      for line in self.path.read_text().splitlines():
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        self.rows[row["key"]] = row
+      self._rewrite()  # drops a torn line so appends start on a fresh line
+    elif self.path.exists():
+      self.path.unlink()
+    if self.rows:
+      log.info("resuming: %d predictions already in %s", len(self.rows), self.path)
+
+  def _rewrite(self) -> None:
+    self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))
+
+  def __contains__(self, key: str) -> bool:
+    return key in self.rows
+
+  def add(self, rows: Iterable[dict]) -> None:
+    rows = list(rows)
+    with self.path.open("a") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+        self.rows[row["key"]] = row
+
+  def values(self) -> list[dict]:
+    return list(self.rows.values())
+
+
+def progress(total: int, desc: str, initial: int = 0):
+  """tqdm bar counting items (its rate reads items/s)."""
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, desc=desc, unit="item", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------ results
+
+def markdown_table(header: list, rows: list[list]) -> str:
+  fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_result(out_dir, result: dict, markdown: str) -> dict:
+  """Writes result.json and result.md in ``out_dir``; returns their paths."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+  (out_dir / "result.md").write_text(markdown + "\n")
+  return {"json": str(out_dir / "result.json"), "markdown": str(out_dir / "result.md")}
+
+
+def _plain(value):
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def batches(items: list, size: int):
+  for begin in range(0, len(items), size):
+    yield items[begin:begin + size]

@@ -1,0 +1,160 @@
+"""KV-cache generation equals recomputing the full sequence; decode-step ids and mask
+equal layout's for the grown sequence; sampling and stopping rules."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mashvlm_jax import layout
+from mashvlm_jax.eval import generate
+from mashvlm_jax.model import mashvlm
+from mashvlm_jax.model.config import ModelConfig
+from conftest import load_config
+
+PROMPT_LENGTHS = (5, 11, 2)  # ragged batch: rows 0 and 2 are right-padded
+MAX_NEW = 6
+
+
+def tiny(ablation: str, rope_mode: str):
+  """The tiny config at 32x32 pixels (M=23, N=16) with 2 decoder layers, random weights."""
+  config = load_config("tiny_synthetic", f"ablation={ablation}")
+  config.model.vision.image_size = 32
+  config.model.llm.num_layers = 2
+  cfg = dataclasses.replace(ModelConfig.from_dict(config.model), rope_mode=rope_mode)
+  params = nn.unbox(mashvlm.init_params(cfg, jax.random.PRNGKey(1)))
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, size=(len(PROMPT_LENGTHS), 8, 32, 32, 3)).astype(np.uint8)
+  prompts = [list(rng.integers(4, cfg.llm.vocab_size, size=n)) for n in PROMPT_LENGTHS]
+  return cfg, params, frames, prompts
+
+
+def recompute_greedy(cfg, params, frames, prompts, steps):
+  """Reference: the full uncached MashVLM forward on the grown rows at every step
+  (right-padded to one width, which leaves real logits unchanged), argmax of each row's
+  last real position."""
+  width = max(map(len, prompts)) + steps
+  forward = jax.jit(mashvlm.MashVLM(cfg).apply)
+  rows = [list(p) for p in prompts]
+  tokens, logits = [[] for _ in rows], []
+  for _ in range(steps):
+    ids = np.zeros((len(rows), width), np.int32)
+    for r, row in enumerate(rows):
+      ids[r, :len(row)] = row
+    mask = np.arange(width)[None] < np.array([len(r) for r in rows])[:, None]
+    out = np.asarray(forward({"params": params}, frames, ids, mask))
+    last = out[np.arange(len(rows)), [len(r) - 1 for r in rows]]
+    logits.append(last)
+    for r, tok in enumerate(last.argmax(-1)):
+      rows[r].append(int(tok))
+      tokens[r].append(int(tok))
+  return tokens, np.stack(logits, axis=1)
+
+
+@pytest.mark.parametrize("ablation,rope_mode,split_layers", [
+    ("mash", "harmonic", True), ("t7_distinct", "distinct", True),  # DST mask
+    ("baseline", "distinct", True), ("baseline", "harmonic", True),  # plain causal mask
+    ("mash", "harmonic", False),  # steps through the scanned stack (MashVLM.extend)
+])
+def test_cached_greedy_equals_full_recompute(ablation, rope_mode, split_layers):
+  cfg, params, frames, prompts = tiny(ablation, rope_mode)
+  gen = generate.Generator(cfg, params, split_layers=split_layers)
+  out = gen.generate(frames, prompts, generate.SamplingParams(max_new_tokens=MAX_NEW),
+                     return_logits=True)
+  want_tokens, want_logits = recompute_greedy(cfg, params, frames, prompts, MAX_NEW)
+  assert out.tokens == want_tokens
+  assert out.finish == ["length"] * len(prompts)
+  np.testing.assert_allclose(out.step_logits, want_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_stop_on_eos_while_others_continue():
+  cfg, params, frames, prompts = tiny("mash", "harmonic")
+  gen = generate.Generator(cfg, params)
+  free = gen.generate(frames, prompts, generate.SamplingParams(max_new_tokens=MAX_NEW))
+  # a token some row first emits after step 0 becomes EOS
+  row, step = next((r, k) for r, toks in enumerate(free.tokens)
+                   for k in range(1, len(toks)) if toks[k] not in toks[:k])
+  eos = free.tokens[row][step]
+  out = gen.generate(frames, prompts, generate.SamplingParams(max_new_tokens=MAX_NEW,
+                                                              eos_id=eos))
+  for r, want in enumerate(free.tokens):  # every row stops right before its first EOS
+    cut = want.index(eos) if eos in want else len(want)
+    assert out.tokens[r] == want[:cut]
+    assert out.finish[r] == ("eos" if eos in want else "length")
+  assert out.tokens[row] == free.tokens[row][:step]
+
+
+def test_next_position_ids_continue_both_streams():
+  """Ids of appended tokens equal layout.position_ids of the grown, ragged rows."""
+  m, n, width, new = 5, 8, 7, 4
+  lengths = np.array([7, 3, 1])
+  for mode in layout.ROPE_MODES:
+    types = layout.text_token_types(np.arange(width)[None] < lengths[:, None], m, n)
+    ids = layout.position_ids(types, mode)
+    grown_mask = np.arange(width + new)[None] < (lengths + new)[:, None]
+    grown = layout.position_ids(layout.text_token_types(grown_mask, m, n), mode)
+    for step in range(new):
+      got = layout.next_position_ids(ids, types, step)
+      want = grown[np.arange(3), :, m + n + lengths + step]
+      np.testing.assert_array_equal(got, want, err_msg=f"{mode} step {step}")
+    got_jax = layout.next_position_ids(jnp.asarray(ids), jnp.asarray(types), 1)
+    np.testing.assert_array_equal(got_jax, layout.next_position_ids(ids, types, 1))
+
+
+def test_text_query_mask_equals_dst_rows():
+  m, n = 4, 6
+  types = layout.text_token_types(np.arange(6)[None] < np.array([[6], [2]]), m, n)
+  full = layout.dst_mask(types)
+  queries = np.array([[m + n, m + n + 3, m + n + 5], [m + n, m + n + 1, m + n + 1]])
+  got = layout.text_query_mask(types, queries)
+  want = np.take_along_axis(full, queries[..., None], axis=1)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_top_p_keeps_the_nucleus_and_temperature_zero_is_greedy():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  keys = jax.random.PRNGKey(0)
+  drawn = np.asarray(generate.sample_logits(logits, keys, jnp.float32(1.0), jnp.float32(0.7)))
+  assert set(np.unique(drawn)) == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.15 is outside
+  assert abs((drawn == 0).mean() - 0.5 / 0.8) < 0.03
+  everything = np.asarray(generate.sample_logits(logits, keys, jnp.float32(1.0),
+                                                 jnp.float32(1.0)))
+  assert abs((everything == 3).mean() - 0.05) < 0.015
+  greedy = generate.sample_logits(logits[:3], keys, jnp.float32(0.0), jnp.float32(0.1))
+  np.testing.assert_array_equal(greedy, [0, 0, 0])
+
+
+def test_sampling_is_seeded():
+  cfg, params, frames, prompts = tiny("mash", "harmonic")
+  gen = generate.Generator(cfg, params)
+  hot = dict(max_new_tokens=4, temperature=5.0, top_p=0.95)
+  a = gen.generate(frames, prompts, generate.SamplingParams(seed=3, **hot)).tokens
+  b = gen.generate(frames, prompts, generate.SamplingParams(seed=3, **hot)).tokens
+  c = gen.generate(frames, prompts, generate.SamplingParams(seed=4, **hot)).tokens
+  assert a == b and a != c
+
+
+class WordTokenizer:
+  """ids -> words, enough for the stop-string bookkeeping."""
+  words = ["<pad>", "<unk>", "<s>", "</s>", "yes", "no", "USER:", "a", "b"]
+  pad_id, eos_id = 0, 3
+
+  def decode(self, ids):
+    return " ".join(self.words[i] for i in ids)
+
+
+def test_stop_strings_cut_the_text():
+  rows = generate._Rows(2, generate.SamplingParams(max_new_tokens=5, eos_id=3,
+                                                   stop_strings=("USER:",)), WordTokenizer())
+  for tokens in ([4, 5], [7, 6], [8, 4], [8, 3]):
+    rows.add(np.array(tokens))
+  assert rows.finish == ["length", "stop"]
+  assert rows.texts() == ["yes a b b", "no "]
+  assert rows.tokens[1] == [5, 6]
+  cfg = ModelConfig.from_dict(load_config("tiny_synthetic").model)
+  with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+    generate.Generator(cfg, params=None).generate(
+        np.zeros((1, 8, 64, 64, 3), np.uint8), [[2]],
+        generate.SamplingParams(stop_strings=("x",)))
