@@ -19,7 +19,8 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       vision=dict(image_size=224, patch_size=14, hidden_size=1024, num_layers=24,
                   num_heads=16, intermediate_size=4096, layer_norm_eps=1e-5,
-                  hidden_act="quick_gelu", feature_layer=-2),
+                  hidden_act="quick_gelu", feature_layer=-2,
+                  position_init="normal"),  # replaced by the imported CLIP weights
       llm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                num_heads=32, num_kv_heads=32, head_dim=0, rope_theta=10000.0,
                rope_scaling=None, rms_norm_eps=1e-5, tie_word_embeddings=False,

@@ -1,4 +1,6 @@
 """CLIP ViT encoder against an independent numpy CLIP, at several feature layers."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,3 +43,31 @@ def test_normalize_frames():
   mean = np.array([0.48145466, 0.4578275, 0.40821073])
   std = np.array([0.26862954, 0.26130258, 0.27577711])
   np.testing.assert_allclose(got[0, 0, 0], (np.array([0, 128, 255]) / 255 - mean) / std, rtol=1e-6)
+
+
+def test_sincos2d_position_init():
+  """Patch (row r, col c) gets [sin(c w_k) | cos(c w_k) | sin(r w_k) | cos(r w_k)],
+  w_k = 10000^(-k/q), q = dim/4; the class token's row is zero."""
+  grid, dim = 4, 16
+  cfg = VisionConfig(image_size=32, patch_size=8, hidden_size=dim, num_layers=1, num_heads=2,
+                     intermediate_size=32, position_init="sincos2d")
+  params = nn.unbox(ClipVisionEncoder(cfg).init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 32, 32, 3)))["params"])
+  table = np.asarray(params["position_embedding"])
+  assert table.shape == (grid * grid + 1, dim)
+  np.testing.assert_array_equal(table[0], 0)
+  q = dim // 4
+  for r in range(grid):
+    for c in range(grid):
+      want = []
+      for coord in (c, r):
+        want += [math.sin(coord * 10000.0 ** (-k / q)) for k in range(q)]
+        want += [math.cos(coord * 10000.0 ** (-k / q)) for k in range(q)]
+      np.testing.assert_allclose(table[1 + r * grid + c], want, atol=1e-6)
+
+
+def test_bad_position_init_is_named():
+  with pytest.raises(ValueError, match="position_init"):
+    VisionConfig(position_init="learned").validate()
+  with pytest.raises(ValueError, match="divisible by 4"):
+    VisionConfig(hidden_size=18, num_heads=3, position_init="sincos2d").validate()

@@ -17,6 +17,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 PROJECTORS = ("linear", "mlp2x_gelu")
 VISION_ACTS = ("quick_gelu", "gelu")
+POSITION_INITS = ("normal", "sincos2d")
 ATTENTION_BACKENDS = ("dense", "splash", "gpu")  # model/attention.py BACKENDS
 SPLASH_LANES = 128  # splash tiles are multiples of the TPU lane width
 
@@ -35,6 +36,10 @@ class VisionConfig:
   # Index into HF's hidden_states tuple (0 = embeddings after pre-LN, i = after layer i;
   # negative counts from the end, -2 = penultimate layer as in LLaVA/MASH-VLM).
   feature_layer: int = -2
+  # Initial position embeddings of a tower trained from scratch (imported CLIP weights
+  # replace them): "normal" (std 0.02, as HF) | "sincos2d" (fixed-frequency 2D sin-cos at
+  # unit scale, as big_vision/MAE: position stays legible next to patch content).
+  position_init: str = "normal"
 
   @property
   def grid(self) -> int:
@@ -60,6 +65,12 @@ class VisionConfig:
     if not 0 <= self.layers_to_run <= self.num_layers:
       raise ValueError(f"vision.feature_layer={self.feature_layer} is outside "
                        f"[-{self.num_layers + 1}, {self.num_layers}]")
+    if self.position_init not in POSITION_INITS:
+      raise ValueError(f"vision.position_init must be one of {POSITION_INITS}, "
+                       f"found {self.position_init!r}")
+    if self.position_init == "sincos2d" and self.hidden_size % 4:
+      raise ValueError(f"vision.position_init='sincos2d' needs vision.hidden_size divisible "
+                       f"by 4, found {self.hidden_size}")
     if self.hidden_act not in VISION_ACTS:
       raise ValueError(f"vision.hidden_act must be one of {VISION_ACTS}, "
                        f"found {self.hidden_act!r}")

@@ -12,6 +12,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mashvlm_jax.model import attention as attention_lib
 from mashvlm_jax.model.config import VisionConfig
@@ -23,6 +24,34 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _INIT = nn.initializers.normal(stddev=0.02)
+
+
+def sincos2d(grid: int, dim: int) -> np.ndarray:
+  """float32 [grid * grid, dim] 2D sin-cos position codes, row-major patches.
+
+  Channels [x sin | x cos | y sin | y cos], each dim/4 wide with frequencies
+  10000^(-k / (dim/4)), k = 0..dim/4-1; x, y are patch column and row indices.
+  """
+  quarter = dim // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  rows, cols = np.divmod(np.arange(grid * grid), grid)
+  parts = []
+  for coord in (cols, rows):
+    angle = coord[:, None] * omega[None, :]
+    parts += [np.sin(angle), np.cos(angle)]
+  return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def sincos2d_init(grid: int):
+  """Initializer of the [1 + grid^2, dim] position table: zeros for the class token, then
+  ``sincos2d`` codes for the patches."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    if shape[0] != grid * grid + 1:
+      raise ValueError(f"position table of shape {shape} does not fit a {grid}x{grid} grid")
+    table = np.concatenate([np.zeros((1, shape[1]), np.float32), sincos2d(grid, shape[1])])
+    return jnp.asarray(table, dtype)
+  return init
 
 
 def normalize_frames(frames_uint8: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
@@ -107,7 +136,8 @@ class ClipVisionEncoder(nn.Module):
     patches = patches.reshape(patches.shape[0], -1, cfg.hidden_size)
     cls = self.param("class_embedding", partitioned(_INIT, ("embed",)), (cfg.hidden_size,),
                      self.param_dtype)
-    positions = self.param("position_embedding", partitioned(_INIT, (None, "embed")),
+    pos_init = _INIT if cfg.position_init == "normal" else sincos2d_init(cfg.grid)
+    positions = self.param("position_embedding", partitioned(pos_init, (None, "embed")),
                            (cfg.grid ** 2 + 1, cfg.hidden_size), self.param_dtype)
     cls = jnp.broadcast_to(cls.astype(self.dtype), (patches.shape[0], 1, cfg.hidden_size))
     x = jnp.concatenate([cls, patches], axis=1) + positions.astype(self.dtype)
