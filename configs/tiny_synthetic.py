@@ -19,7 +19,10 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       vision=dict(image_size=64, patch_size=8, hidden_size=64, num_layers=2, num_heads=4,
                   intermediate_size=128, layer_norm_eps=1e-5, hidden_act="quick_gelu",
-                  feature_layer=-2, position_init="normal"),
+                  # A random tower: its patch embeddings (before any random layer,
+                  # feature_layer=0) with sin-cos positions keep the actor and where it
+                  # is legible; after a random layer the model never read the motion.
+                  feature_layer=0, position_init="sincos2d"),
       llm=dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_layers=4,
                num_heads=4, num_kv_heads=2, head_dim=0, rope_theta=10000.0,
                rope_scaling=None, rms_norm_eps=1e-6, tie_word_embeddings=False,
