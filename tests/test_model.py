@@ -1,5 +1,7 @@
 """The full MashVLM on the tiny config: jitted forward/grad with padding, plumbing against
 the numpy LLaMA, frozen vision tower, and parameter counts of the 7B config."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,11 +55,19 @@ def test_jit_forward_and_grad_finite_with_padding(arg):
   assert norms["['language_model']['layers']['self_attn']['q_proj']['kernel']"] > 0
 
 
-def test_unfrozen_vision_gets_gradient():
+@pytest.mark.parametrize("feature_layer", [0, 1])
+def test_unfrozen_vision_gets_gradient(feature_layer):
+  """Unfrozen, the patch embedding learns; the encoder layers learn exactly when the
+  selected features come after them (feature_layer=0 stops before layer 1)."""
   cfg, params, frames, text, text_mask = setup(freeze_vision=False)
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision,
+                                                             feature_layer=feature_layer))
   grads = jax.jit(jax.grad(
       lambda p: mashvlm.MashVLM(cfg).apply({"params": p}, frames, text).sum()))(params)
-  assert float(jnp.abs(grads["vision_tower"]["layers"]["fc1"]["kernel"]).max()) > 0
+  tower = grads["vision_tower"]
+  assert float(jnp.abs(tower["patch_embedding"]["kernel"]).max()) > 0
+  layer_grad = float(jnp.abs(tower["layers"]["fc1"]["kernel"][0]).max())
+  assert (layer_grad > 0) == (feature_layer >= 1)
 
 
 def test_padding_does_not_change_real_logits():
