@@ -317,3 +317,34 @@ def test_cli_import_then_export(hf_dirs, tmp_path):
   llama2 = transformers.LlamaForCausalLM.from_pretrained(out / "language_model")
   for name, value in llama.state_dict().items():
     assert torch.equal(llama2.state_dict()[name], value.to(torch.bfloat16)), name
+
+
+def _word_tokenizer(directory):
+  """A real HF fast tokenizer (word level), saved the way a LLaMA directory carries it."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "is", "the", "person",
+                                       "skiing", "?"])}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                              bos_token="<s>", eos_token="</s>")
+  fast.save_pretrained(directory)
+  return fast
+
+
+def test_export_ships_the_tokenizer(hf_dirs, tmp_path):
+  root, _, _ = hf_dirs
+  source = _word_tokenizer(tmp_path / "tok")
+  params, cfg = hf_import.import_hf(root / "llm", root / "clip", model_config(),
+                                    adopt_hf_config=True)
+  out = torch_export.export_torch(params, cfg, tmp_path / "out", tokenizer=tmp_path / "tok")
+  loaded = transformers.AutoTokenizer.from_pretrained(out / "language_model")
+  text = "is the person skiing ?"
+  assert loaded(text)["input_ids"] == source(text)["input_ids"] == [3, 4, 5, 6, 7]
+  assert loaded.eos_token == "</s>"
+
+  # a source without tokenizer files fails before anything is written
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ConversionError, match="neither tokenizer.model nor tokenizer.json"):
+    torch_export.export_torch(params, cfg, tmp_path / "out2", tokenizer=tmp_path / "empty")
+  assert not (tmp_path / "out2").exists()

@@ -1,6 +1,7 @@
 """Export a params checkpoint to PyTorch: HF LLaMA + CLIP directories, projector, mash_config.
 
-``mashvlm export-torch --checkpoint=DIR --out=DIR [--dtype=bfloat16] [--shard_size=5GB]``
+``mashvlm export-torch --checkpoint=DIR --out=DIR [--dtype=bfloat16] [--shard_size=5GB]
+[--tokenizer=HF_LLAMA_DIR]``
 writes language_model/ (transformers.LlamaForCausalLM.from_pretrained), vision_tower/
 (transformers.CLIPVisionModel.from_pretrained), projector.safetensors and mash_config.json
 (token split, RoPE mode, mask switches). mashvlm_jax.torch_reference runs the whole MASH-VLM
@@ -20,6 +21,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Exporte
 _SHARD = flags.DEFINE_string("shard_size", "5GB",
                              "Largest safetensors shard (e.g. 5GB, 500MB, 2GiB); above it a "
                              "tower is sharded with model.safetensors.index.json.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None,
+                                 "Tokenizer to ship in language_model/: the HF LLaMA/Vicuna "
+                                 "directory or a tokenizer.model / tokenizer.json file.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 
 
@@ -39,7 +43,8 @@ def main(argv):
     params, cfg = params_io.load_params(_CHECKPOINT.value)
     t1 = time.perf_counter()
     out = torch_export.export_torch(params, cfg, _OUT.value, dtype=_DTYPE.value,
-                                    max_shard_bytes=shard_bytes, overwrite=_OVERWRITE.value)
+                                    max_shard_bytes=shard_bytes, overwrite=_OVERWRITE.value,
+                                    tokenizer=_TOKENIZER.value)
   except (ConversionError, FileExistsError, ValueError) as e:
     raise SystemExit(f"mashvlm export-torch: {e}") from None
   t2 = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -106,11 +107,37 @@ def _write_json(path: pathlib.Path, obj) -> None:
   path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+# HF tokenizer files a LLaMA directory may carry (copied by ``export_torch(tokenizer=)``).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+def tokenizer_files(source) -> list[pathlib.Path]:
+  """The tokenizer files to copy from ``source``: a directory (the HF LLaMA/Vicuna one,
+  any of TOKENIZER_FILES it holds) or a single tokenizer.model / tokenizer.json file."""
+  src = pathlib.Path(source)
+  if src.is_file():
+    if src.name not in ("tokenizer.model", "tokenizer.json"):
+      raise ConversionError(f"tokenizer file {src} is neither tokenizer.model nor "
+                            f"tokenizer.json")
+    return [src]
+  if not src.is_dir():
+    raise ConversionError(f"tokenizer source {src} does not exist")
+  found = [src / name for name in TOKENIZER_FILES if (src / name).is_file()]
+  if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in found):
+    raise ConversionError(f"tokenizer directory {src} has neither tokenizer.model nor "
+                          f"tokenizer.json")
+  return found
+
+
 def export_torch(params, cfg, out, *, dtype: str = "float32",
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                 tokenizer=None):
   """Writes ``out`` (atomically: a temporary sibling renamed at the end); returns its path.
 
   ``params`` must match ``cfg`` (checked first, before anything is written).
+  ``tokenizer``: optional directory or file (``tokenizer_files``) copied into
+  language_model/, so ``AutoTokenizer.from_pretrained`` works on it too.
   """
   from mashvlm_jax.convert import params_io
   if dtype not in EXPORT_DTYPES:
@@ -118,6 +145,7 @@ def export_torch(params, cfg, out, *, dtype: str = "float32",
   if max_shard_bytes < 1:
     raise ConversionError(f"shard size must be positive, found {max_shard_bytes}")
   params_io.check_params(params, cfg, "checkpoint")
+  copies = tokenizer_files(tokenizer) if tokenizer else []
   np_dtype = EXPORT_DTYPES[dtype]
   specs = {tower: tower_specs(tower, params[tower], np_dtype) for tower in param_map.TOWERS}
   with params_io.atomic_directory(out, overwrite) as tmp:
@@ -130,5 +158,7 @@ def export_torch(params, cfg, out, *, dtype: str = "float32",
     safetensors_io.write_file(tmp / PROJECTOR_FILE, specs["projector"],
                               {"format": "pt", "projector": cfg.projector})
     _write_json(tmp / MASH_CONFIG, mash_config(cfg, dtype))
+    for f in copies:
+      shutil.copyfile(f, tmp / LLM_DIR / f.name)
   return pathlib.Path(out).absolute()
 
