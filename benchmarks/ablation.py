@@ -183,14 +183,13 @@ def render_tables(results: dict, alias: dict) -> str:
 
 def describe_model(config) -> str:
   """One line on the tiny model the runs train (from the config, not hard-coded)."""
-  from mashvlm_jax import layout
-  m = config.model
+  from mashvlm_jax.model.config import ModelConfig
+  m = ModelConfig.from_dict(config.model)
   v, llm = m.vision, m.llm
-  grid = v.image_size // v.patch_size
-  temporal, spatial = layout.video_token_counts(m.num_frames, (grid, grid))
-  layers = v.feature_layer if v.feature_layer >= 0 else v.num_layers + 1 + v.feature_layer
+  temporal, spatial = m.video_token_counts
   tower = (f"{'frozen' if m.freeze_vision else 'trained'} random-init CLIP, features after "
-           f"{layers} of its {v.num_layers} layers, {v.position_init} position embeddings")
+           f"{v.layers_to_run} of its {v.num_layers} layers, {v.position_init} position "
+           f"embeddings")
   return (f"M={temporal} temporal, N={spatial} spatial tokens from {m.num_frames} frames of "
           f"{v.image_size}x{v.image_size}; {llm.num_layers}-layer {llm.hidden_size}-wide "
           f"LLaMA; {tower}")
