@@ -187,3 +187,22 @@ def _plain(value):
 def batches(items: list, size: int):
   for begin in range(0, len(items), size):
     yield items[begin:begin + size]
+
+
+def run_in_batches(todo: list, batch_size: int, step, log_file: PredictionLog, *,
+                   desc: str, show_progress: bool = True, total: int | None = None,
+                   initial: int = 0) -> None:
+  """Runs ``step(chunk) -> finished prediction rows`` over ``todo`` in chunks of
+  ``batch_size``, appending each chunk's rows to ``log_file`` (so an interrupted run
+  resumes) and counting them on a progress bar of ``total`` items (default len(todo))."""
+  bar = progress(len(todo) if total is None else total, desc, initial) if (
+      show_progress) else None
+  try:
+    for chunk in batches(todo, batch_size):
+      done = list(step(chunk))
+      log_file.add(done)
+      if bar:
+        bar.update(len(done))
+  finally:
+    if bar:
+      bar.close()

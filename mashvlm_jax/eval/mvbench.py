@@ -123,16 +123,15 @@ def evaluate(config, params, out_dir, *, split: str = "test", max_items: int = 0
   gen = Generator(ModelConfig.from_dict(config.model), params, prompter.tok)
   sampling = SamplingParams(max_new_tokens=max_new_tokens, eos_id=prompter.tok.eos_id,
                             stop_strings=("\n",))
-  bar = common.progress(len(todo), "mvbench") if show_progress else None
-  for chunk in common.batches(todo, batch_size):
+
+  def step(chunk):
     prompts = [prompter(r["question"] + QUESTION_SUFFIX, r["instruction"], ANSWER_PREFIX)
                for _, r in chunk]
     texts = gen.generate(np.stack([f for f, _ in chunk]), prompts, sampling).texts
-    log_file.add(dict(r, response=RETURN_PREFIX + t.strip()) for (_, r), t in zip(chunk, texts))
-    if bar:
-      bar.update(len(chunk))
-  if bar:
-    bar.close()
+    return [dict(r, response=RETURN_PREFIX + t.strip()) for (_, r), t in zip(chunk, texts)]
+
+  common.run_in_batches(todo, batch_size, step, log_file, desc="mvbench",
+                        show_progress=show_progress)
   result = score(log_file.values())
   result.update(split=split, max_items=max_items)
   result["files"] = common.write_result(out_dir, result, table({"model": result}))

@@ -222,15 +222,14 @@ def evaluate(config, params, out_dir, *, kind: str = "unscene", splits=None,
   gen = Generator(ModelConfig.from_dict(config.model), params, prompter.tok)
   sampling = SamplingParams(max_new_tokens=max_new_tokens, eos_id=prompter.tok.eos_id,
                             stop_strings=(prompter.template.user,))
-  bar = common.progress(len(todo), f"open-ended {kind}") if show_progress else None
-  for chunk in common.batches(todo, batch_size):
+
+  def step(chunk):
     prompts = [prompter(r["question"], r["instruction"]) for _, r in chunk]
     texts = gen.generate(np.stack([f for f, _ in chunk]), prompts, sampling).texts
-    log_file.add(dict(r, prediction=t.strip()) for (_, r), t in zip(chunk, texts))
-    if bar:
-      bar.update(len(chunk))
-  if bar:
-    bar.close()
+    return [dict(r, prediction=t.strip()) for (_, r), t in zip(chunk, texts)]
+
+  common.run_in_batches(todo, batch_size, step, log_file, desc=f"open-ended {kind}",
+                        show_progress=show_progress)
   requests = [q for row in log_file.values() for q in judge_requests(row, kind)]
   path = pathlib.Path(out_dir) / "judge_prompts.jsonl"
   path.write_text("".join(json.dumps(q) + "\n" for q in requests))

@@ -72,9 +72,8 @@ def evaluate_labels(config, params, out_dir, *, splits=None, tasks=LABEL_TASKS,
   todo = [(f, rows) for f, rows in todo if rows]
   scorer = Scorer(ModelConfig.from_dict(config.model), params, tok.pad_id)
   width = int(config.data.text_len)
-  bar = common.progress(sum(len(r) for _, r in todo), "synthetic labels") if (
-      show_progress) else None
-  for chunk in common.batches(todo, clips_per_batch):
+
+  def step(chunk):
     frames = np.stack([f for f, _ in chunk])
     clip, prompts, answers, spans = [], [], [], []
     for c, (_, rows) in enumerate(chunk):
@@ -93,11 +92,10 @@ def evaluate_labels(config, params, out_dir, *, splits=None, tasks=LABEL_TASKS,
     for row, (begin, count) in zip(rows, spans):
       best = int(np.argmax(logp[begin:begin + count]))
       done.append(dict(row, prediction=candidates[row["task"]][best]))
-    log_file.add(done)
-    if bar:
-      bar.update(len(done))
-  if bar:
-    bar.close()
+    return done
+
+  common.run_in_batches(todo, clips_per_batch, step, log_file, desc="synthetic labels",
+                        show_progress=show_progress, total=sum(len(r) for _, r in todo))
   result = score_labels(log_file.values())
   result.update(splits=splits, max_items=max_items, candidates=candidates)
   header = ["split/task", "accuracy %", "items"]

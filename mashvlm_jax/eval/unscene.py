@@ -131,18 +131,13 @@ def evaluate_binary(config, params, out_dir, *, splits=None, mode: str = "likeli
     rows = [r for r in binary_rows(record, split) if r["key"] not in log_file]
     if rows:
       todo.append((record["frames"], rows))
-  total = sum(len(rows) for _, rows in todo)
-  bar = common.progress(total + len(log_file.values()), f"unscene {mode}",
-                        len(log_file.values())) if show_progress else None
   run = _likelihood_runner if mode == "likelihood" else _generate_runner
   step = run(model_cfg, params, prompter, config, max_new_tokens)
-  for chunk in common.batches(todo, clips_per_batch):
-    done = step(chunk)
-    log_file.add(done)
-    if bar:
-      bar.update(len(done))
-  if bar:
-    bar.close()
+  finished = len(log_file.values())
+  common.run_in_batches(todo, clips_per_batch, step, log_file, desc=f"unscene {mode}",
+                        show_progress=show_progress,
+                        total=finished + sum(len(rows) for _, rows in todo),
+                        initial=finished)
   result = score_binary(log_file.values())
   result.update(mode=mode, splits=splits, max_items=max_items)
   result["files"] = common.write_result(out_dir, result,
