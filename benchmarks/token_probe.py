@@ -130,9 +130,11 @@ def main(argv=None):
   parser.add_argument("--presets", default="baseline,t7_harmonic")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--clips", type=int, default=1600, help="probe training clips")
+  # The run's config is rebuilt as benchmarks/ablation.py built it; the probe renders its
+  # own clips and reads no data from data_dir.
   parser.add_argument("--steps", type=int, default=1500, help="as the ablation was run")
   parser.add_argument("--builder_config", default="default")
-  parser.add_argument("--data_dir", default="")
+  parser.add_argument("--data_dir", default=os.environ.get("MASHVLM_DATA_DIR", "./data_cache"))
   args = parser.parse_args(argv)
   import ablation
 
