@@ -107,9 +107,12 @@ def _write_json(path: pathlib.Path, obj) -> None:
   path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-# HF tokenizer files a LLaMA directory may carry (copied by ``export_torch(tokenizer=)``).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+# HF tokenizer files a LLaMA directory may carry (copied by ``export_torch(tokenizer=)``);
+# a tokenizer is usable only with one of the vocabulary files.
+TOKENIZER_VOCAB_FILES = ("tokenizer.model", "tokenizer.json")
+TOKENIZER_FILES = TOKENIZER_VOCAB_FILES + (
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "generation_config.json")
 
 
 def tokenizer_files(source) -> list[pathlib.Path]:
@@ -117,14 +120,14 @@ def tokenizer_files(source) -> list[pathlib.Path]:
   any of TOKENIZER_FILES it holds) or a single tokenizer.model / tokenizer.json file."""
   src = pathlib.Path(source)
   if src.is_file():
-    if src.name not in ("tokenizer.model", "tokenizer.json"):
+    if src.name not in TOKENIZER_VOCAB_FILES:
       raise ConversionError(f"tokenizer file {src} is neither tokenizer.model nor "
                             f"tokenizer.json")
     return [src]
   if not src.is_dir():
     raise ConversionError(f"tokenizer source {src} does not exist")
   found = [src / name for name in TOKENIZER_FILES if (src / name).is_file()]
-  if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in found):
+  if not any(f.name in TOKENIZER_VOCAB_FILES for f in found):
     raise ConversionError(f"tokenizer directory {src} has neither tokenizer.model nor "
                           f"tokenizer.json")
   return found
