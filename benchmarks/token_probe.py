@@ -46,19 +46,23 @@ def render(specs, config) -> np.ndarray:
   return np.stack([synthetic.render_clip(s, t, size, size) for s in specs])
 
 
-def video_tokens(config, params, frames: np.ndarray, batch: int = 64):
-  """(temporal [n, M*D], spatial [n, N*D]) float64 features of uint8 clips [n, T, H, W, 3]."""
+def token_encoder(config, params, batch: int = 64):
+  """encode(frames uint8 [n, T, H, W, 3]) -> (temporal [n, M*D], spatial [n, N*D]) float64,
+  the run's ``MashVLM.video_tokens``, compiled once for every clip set of the run."""
   import jax
   from mashvlm_jax.model.config import ModelConfig
   from mashvlm_jax.model.mashvlm import MashVLM
   model = MashVLM(ModelConfig.from_dict(config.model))
-  fn = jax.jit(lambda p, f: model.apply({"params": p}, f, method=MashVLM.video_tokens))
-  temporal, spatial = [], []
-  for i in range(0, len(frames), batch):
-    t, s = fn(params, frames[i:i + batch])
-    temporal.append(np.asarray(t, np.float64).reshape(len(t), -1))
-    spatial.append(np.asarray(s, np.float64).reshape(len(s), -1))
-  return np.concatenate(temporal), np.concatenate(spatial)
+  fn = jax.jit(lambda f: model.apply({"params": params}, f, method=MashVLM.video_tokens))
+
+  def encode(frames):
+    temporal, spatial = [], []
+    for i in range(0, len(frames), batch):
+      t, s = fn(frames[i:i + batch])
+      temporal.append(np.asarray(t, np.float64).reshape(len(t), -1))
+      spatial.append(np.asarray(s, np.float64).reshape(len(s), -1))
+    return np.concatenate(temporal), np.concatenate(spatial)
+  return encode
 
 
 def fit_ridge(x: np.ndarray, labels: np.ndarray, num_classes: int, strength: float):
@@ -94,7 +98,7 @@ def probe_accuracy(train_x, train_y, tests: dict, num_classes: int) -> dict:
 def probe_run(workdir: pathlib.Path, config, clips: int) -> dict:
   from mashvlm_jax.data import synthetic
   from mashvlm_jax.eval import common
-  params = common.load_params(config, workdir)
+  encode = token_encoder(config, common.load_params(config, workdir))
   # Probe training clips: the scene uniform whatever the action (typical with probability
   # 1/8), no scene-only clips, so only the actor can tell the action.
   train_specs = synthetic.clip_specs("train", clips, seed=PROBE_SEED,
@@ -106,7 +110,7 @@ def probe_run(workdir: pathlib.Path, config, clips: int) -> dict:
   scene_id = {s: i for i, s in enumerate(synthetic.SCENES)}
 
   def features(specs):
-    t, s = video_tokens(config, params, render(specs, config))
+    t, s = encode(render(specs, config))
     return {"temporal": t, "spatial": s, "both": np.concatenate([t, s], axis=1),
             "action": np.array([action_id[c.action] for c in specs]),
             "scene": np.array([scene_id[c.scene] for c in specs])}
