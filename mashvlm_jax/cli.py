@@ -15,6 +15,7 @@ import pathlib
 import sys
 
 COMMANDS_DIR = pathlib.Path(__file__).parent / "commands"
+HELP_FLAGS = ("--help", "--helpshort", "--helpfull", "-?")
 
 
 def commands() -> dict[str, pathlib.Path]:
@@ -45,10 +46,50 @@ def main(argv: list[str] | None = None) -> None:
     print(f"mashvlm: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
   module = importlib.import_module(f"mashvlm_jax.commands.{command.replace('-', '_')}")
-  from absl import app  # imported late: `mashvlm --help` needs no jax
-  # absl's --help prints the __main__ module's docstring: show the command's own.
+  from absl import app, flags  # imported late: `mashvlm --help` needs no jax
+  # absl's --help prints the __main__ module's docstring and the flags of the module it
+  # takes for main (sys.argv[0]): show the command's own.
   sys.modules["__main__"].__doc__ = module.__doc__
-  app.run(module.main, argv=[f"mashvlm {command}"] + argv[2:])
+  for flag in flags.FLAGS.get_flags_for_module(module.__name__):
+    flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
+  try:
+    app.run(_with_resolved_paths(module.main), argv=[f"mashvlm {command}"] + argv[2:])
+  except SystemExit as stop:  # absl ends --help, --helpshort and --helpfull with status 1
+    if stop.code == 1 and any(a in HELP_FLAGS for a in argv[2:]):
+      sys.exit(0)
+    raise
+
+
+def console_logging() -> None:
+  """Orbax, JAX and TFDS log every save and file at INFO through absl: keep the console
+  for the project's own messages (the ``mashvlm`` logger, INFO) unless --verbosity asks
+  for more."""
+  import logging
+  from absl import flags
+  from absl import logging as absl_logging
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  ours = logging.getLogger("mashvlm")
+  ours.setLevel(logging.INFO)
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+  ours.addHandler(handler)
+  ours.propagate = False
+
+
+def _with_resolved_paths(command_main):
+  """``command_main`` run with the console logging above and after the local paths in
+  ``--config`` (init_from, data_dir, ...) are made absolute against the current directory
+  (mashvlm_jax/paths.py), once for every command; path flags resolve themselves
+  (``paths.DEFINE_path``)."""
+  def run(argv):
+    from absl import flags
+    from mashvlm_jax import paths
+    console_logging()
+    if "config" in flags.FLAGS:
+      paths.resolve_config_paths(flags.FLAGS.config)
+    return command_main(argv)
+  return run
 
 
 if __name__ == "__main__":

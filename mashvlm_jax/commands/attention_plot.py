@@ -14,17 +14,19 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
+from mashvlm_jax import paths
+
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
                                 lock_config=True)
-_CHECKPOINTS = flags.DEFINE_list("checkpoint", None, "Checkpoint directory (or several).")
+_CHECKPOINTS = paths.DEFINE_path_list("checkpoint", None, "Checkpoint directory (or several).")
 _CONFIGS = flags.DEFINE_list("configs", None, "Optional config file[:ARGS] per checkpoint.")
 _NAMES = flags.DEFINE_list("names", None, "Panel titles, one per checkpoint.")
 _QUESTION = flags.DEFINE_string("question", None, "The question asked about the video.")
-_VIDEO = flags.DEFINE_string("video", None, "A video file (decoded at the model's shape).")
+_VIDEO = paths.DEFINE_path("video", None, "A video file (decoded at the model's shape).")
 _SPLIT = flags.DEFINE_string("split", None, "Or a data split of the config ...")
 _INDEX = flags.DEFINE_integer("index", 0, "... and the record index in it.")
-_OUT = flags.DEFINE_string("out", "attention.png", "Output PNG (a .json with the numbers "
-                                                   "is written beside it).")
+_OUT = paths.DEFINE_path("out", "attention.png", "Output PNG (a .json with the numbers "
+                         "is written beside it).")
 _QUERIES = flags.DEFINE_enum("queries", "all", ["all", "last"],
                              "Text queries averaged: every text token or the last one.")
 
@@ -52,7 +54,9 @@ def load_config_file(spec: str):
     raise SystemExit(f"mashvlm attention-plot: cannot load config file {path}")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  config = module.get_config(arg or None)
+  paths.resolve_config_paths(config)
+  return config
 
 
 def config_for(index: int, default):

@@ -23,6 +23,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mashvlm_jax import paths  # noqa: E402
+
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mashvlm_7b.py",
                                 lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p-64, v4-32, v5e-256, "
@@ -30,7 +32,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p-64, v4-32, v5e
 _MESH = flags.DEFINE_string("mesh", None, "Mesh axes overriding config.mesh, e.g. "
                             "'data=1,fsdp=-1,tensor=1' (-1: the remaining chips).")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation for the step-time estimate.")
-_JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
+_JSON = paths.DEFINE_path("json", None, "Also write the report as JSON to this path.")
 
 BACKEND_KEY = "model.attention_backend"
 

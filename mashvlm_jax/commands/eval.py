@@ -14,21 +14,22 @@ Judged benchmarks are completed with ``mashvlm import-judgments``.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 from absl import flags
 from ml_collections import config_flags
 
+from mashvlm_jax import paths
+
 BENCHMARKS = ("unscene_binary", "unscene_open", "open_qa", "mvbench", "synthetic")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
                                 lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory (see above).")
+_CHECKPOINT = paths.DEFINE_path("checkpoint", None, "Checkpoint directory (see above).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BENCHMARK = flags.DEFINE_enum("benchmark", None, BENCHMARKS, "What to evaluate.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: <checkpoint>/eval/"
-                                        "<benchmark>).")
+_OUT = paths.DEFINE_path("out", None, "Output directory (default: <checkpoint>/eval/"
+                         "<benchmark>).")
 _SPLITS = flags.DEFINE_list("splits", None, "Data splits (default: config.data.eval_splits;"
                                             " mvbench: the first of them).")
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Videos per split (0 = all).")
@@ -69,10 +70,8 @@ def main(argv):
     raise SystemExit("mashvlm eval: --config, --checkpoint and --benchmark are required, "
                      "e.g. --config=configs/tiny_synthetic.py --checkpoint=/tmp/run "
                      f"--benchmark=synthetic (benchmarks: {', '.join(BENCHMARKS)})")
-  logging.getLogger("mashvlm").setLevel(logging.INFO)
-  logging.getLogger("mashvlm").addHandler(logging.StreamHandler())
   from mashvlm_jax.eval import common
-  checkpoint = os.path.expanduser(_CHECKPOINT.value)
+  checkpoint = _CHECKPOINT.value
   out = _OUT.value or os.path.join(checkpoint, "eval", _BENCHMARK.value)
   params = common.load_params(config, checkpoint, _STEP.value)
   result = run(config, params, _BENCHMARK.value, out)

@@ -12,25 +12,24 @@ from __future__ import annotations
 import time
 
 from absl import flags
-from absl import logging
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Params checkpoint (import-hf output or the trainer's).")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
+from mashvlm_jax import paths
+
+_CHECKPOINT = paths.DEFINE_path("checkpoint", None,
+                                "Params checkpoint (import-hf output or the trainer's).")
+_OUT = paths.DEFINE_path("out", None, "Output directory.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Exported weight dtype.")
 _SHARD = flags.DEFINE_string("shard_size", "5GB",
                              "Largest safetensors shard (e.g. 5GB, 500MB, 2GiB); above it a "
                              "tower is sharded with model.safetensors.index.json.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "Tokenizer to ship in language_model/: the HF LLaMA/Vicuna "
-                                 "directory or a tokenizer.model / tokenizer.json file.")
+_TOKENIZER = paths.DEFINE_path("tokenizer", None,
+                               "Tokenizer to ship in language_model/: the HF LLaMA/Vicuna "
+                               "directory or a tokenizer.model / tokenizer.json file.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
   from mashvlm_jax.convert import params_io, safetensors_io, torch_export
   from mashvlm_jax.convert.param_map import ConversionError
   for name, flag in (("--checkpoint", _CHECKPOINT), ("--out", _OUT)):

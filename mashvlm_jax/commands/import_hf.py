@@ -14,20 +14,21 @@ import pathlib
 import time
 
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from mashvlm_jax import paths
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mashvlm_7b.py",
                                 lock_config=True)
-_LLM = flags.DEFINE_string("llm", None, "HF LlamaForCausalLM directory (config.json + weights).")
-_VISION = flags.DEFINE_string("vision", None, "HF CLIPVisionModel or CLIPModel directory.")
-_OUT = flags.DEFINE_string("out", None, "Output params checkpoint directory.")
-_PROJECTOR = flags.DEFINE_string("projector", None,
-                                 "Projector weights (.safetensors, e.g. an export's "
-                                 "projector.safetensors); default: freshly initialised.")
-_MODEL_CONFIG = flags.DEFINE_string("model_config", None,
-                                    "Instead of --config: a model_config.json or an export's "
-                                    "mash_config.json to take the model config from.")
+_LLM = paths.DEFINE_path("llm", None, "HF LlamaForCausalLM directory (config.json + weights).")
+_VISION = paths.DEFINE_path("vision", None, "HF CLIPVisionModel or CLIPModel directory.")
+_OUT = paths.DEFINE_path("out", None, "Output params checkpoint directory.")
+_PROJECTOR = paths.DEFINE_path("projector", None,
+                               "Projector weights (.safetensors, e.g. an export's "
+                               "projector.safetensors); default: freshly initialised.")
+_MODEL_CONFIG = paths.DEFINE_path("model_config", None,
+                                  "Instead of --config: a model_config.json or an export's "
+                                  "mash_config.json to take the model config from.")
 _SEED = flags.DEFINE_integer("seed", None, "Projector init seed (default: config.seed or 0).")
 _ADOPT = flags.DEFINE_bool("adopt_hf_config", False,
                            "Take the LLM and vision architecture from the HF config.json files "
@@ -52,8 +53,6 @@ def _model_config():
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
   from mashvlm_jax.convert import hf_import, params_io
   from mashvlm_jax.convert.param_map import ConversionError
   from mashvlm_jax.model import mashvlm

@@ -8,10 +8,10 @@ here calls a network service.
 """
 from __future__ import annotations
 
-from absl import flags
+from mashvlm_jax import paths
 
-_EVAL_DIR = flags.DEFINE_string("eval_dir", None, "The open-ended evaluation directory.")
-_JUDGMENTS = flags.DEFINE_string("judgments", None, "JSONL of {key, response} lines.")
+_EVAL_DIR = paths.DEFINE_path("eval_dir", None, "The open-ended evaluation directory.")
+_JUDGMENTS = paths.DEFINE_path("judgments", None, "JSONL of {key, response} lines.")
 
 
 def main(argv):

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import flags
 from ml_collections import config_flags
 
+from mashvlm_jax import paths
+
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
                                 lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
+_WORKDIR = paths.DEFINE_path("workdir", None, "Where checkpoints, metrics and plots go.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
                                  "jax.distributed: off, auto (TPU/cluster detection), or "
                                  "explicit (coordinator flags or environment).")
@@ -52,35 +55,24 @@ def initialize_distributed() -> None:
                              process_id=int(pid))
 
 
-def quiet_libraries() -> None:
-  """Orbax and JAX log every save at INFO through absl; keep the console for our own
-  messages (the ``mashvlm`` logger) unless --verbosity asks for more."""
-  from absl import logging as absl_logging
-  if not flags.FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  ours = logging.getLogger("mashvlm")
-  ours.setLevel(logging.INFO)
-  handler = logging.StreamHandler()
-  handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-  ours.addHandler(handler)
-  ours.propagate = False
-
-
 def main(argv):
   del argv
   config = flags.FLAGS.config
   if config is None or not _WORKDIR.value:
     raise SystemExit("mashvlm train: --config and --workdir are required, e.g. "
                      "--config=configs/tiny_synthetic.py --workdir=/tmp/mashvlm_tiny")
-  quiet_libraries()
   initialize_distributed()
   import jax
   # Persistent XLA cache: resumed and repeated runs skip recompiling the train step.
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "MASHVLM_COMPILATION_CACHE", os.path.expanduser("~/.cache/mashvlm_jax/xla")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  from mashvlm_jax.train import trainer
-  summary = trainer.train(config, _WORKDIR.value)
+  from mashvlm_jax.train import checkpoint, trainer
+  try:
+    summary = trainer.train(config, _WORKDIR.value)
+  except (checkpoint.CheckpointSaveError, trainer.NonFiniteLossError) as e:
+    logging.getLogger("mashvlm").error("training stopped: %s", e)
+    sys.exit(1)
   if jax.process_index() != 0:
     return
   metrics = summary["metrics"]
