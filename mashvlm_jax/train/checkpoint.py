@@ -7,6 +7,11 @@ iterator state, saved together under ``<workdir>/checkpoints/<step>/``.
   at the step boundary when ``save`` is called (so later iteration cannot leak into it).
 Orbax writes into a temporary directory and renames it only when every item is complete,
 so a crash during a save leaves nothing that ``latest_step`` would pick up.
+
+A save that fails, in the caller or in Orbax's background threads, raises
+``CheckpointSaveError`` from the next ``check()`` after the save has ended (the trainer
+calls it every step), from the next ``save`` or from ``wait``: never later. Orbax itself
+only logs some background failures and would let training run on with nothing saved.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mashvlm_jax import paths
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -73,15 +80,28 @@ def decode_data_state(text: str) -> Any:
   return obj["bytes"].encode() if "bytes" in obj else obj["dict"]
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; earlier finished checkpoints are untouched."""
+
+
 class Checkpointer:
-  """Keeps the last ``keep`` checkpoints; saves asynchronously when ``use_async``."""
+  """Keeps the last ``keep`` checkpoints; saves asynchronously when ``use_async``.
+
+  ``directory`` may be relative (it is made absolute here: Orbax refuses relative paths)
+  or a URL such as gs://bucket/run/checkpoints.
+  """
 
   def __init__(self, directory, *, keep: int = 3, use_async: bool = True):
-    self.directory = epath.Path(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=use_async)
+    self.directory = epath.Path(paths.local_path(str(directory)))
+    # Step directories are created in the caller: created in Orbax's background thread, a
+    # failure to create one surfaced only as a 5-minute signal timeout.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=use_async,
+        cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
+    self._pending: int | None = None  # step whose save has started and not been checked
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -90,10 +110,49 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: Any) -> None:
-    """Starts saving ``state`` and the (already captured) iterator state at ``step``."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=DataStateSave(encode_data_state(data_state))),
-        force=True)
+    """Starts saving ``state`` and the (already captured) iterator state at ``step``.
+
+    Waits for the previous save first and raises ``CheckpointSaveError`` if it failed."""
+    self._settle()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=DataStateSave(encode_data_state(data_state))),
+          force=True)
+    except Exception as e:  # noqa: BLE001 (re-raised with the step and directory)
+      raise CheckpointSaveError(self._failure(step, e)) from e
+    self._pending = step
+    if not self.manager.is_saving_in_progress():
+      self._settle()
+
+  def check(self) -> None:
+    """Raises ``CheckpointSaveError`` if a save has ended without writing its step; cheap
+    while the save is still running (call it every step)."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self._settle()
+
+  def _settle(self) -> None:
+    """Waits for the pending save, then checks that its step is on disk."""
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 (re-raised with the step and directory)
+      raise CheckpointSaveError(self._failure(step, e)) from e
+    self.manager.reload()  # what is on disk, not what the manager meant to write
+    if step not in self.manager.all_steps():
+      raise CheckpointSaveError(self._failure(step, "the step directory was not finalised "
+                                                    "(Orbax logged the cause above)"))
+
+  def _failure(self, step: int, cause) -> str:
+    try:
+      self.manager.reload()
+      good = self.manager.latest_step()
+    except Exception:  # noqa: BLE001 (the report must not hide the original cause)
+      good = "unknown"
+    cause = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else cause
+    return (f"saving the checkpoint of step {step} in {self.directory} failed: {cause}. "
+            f"The last good checkpoint is step {good}; earlier checkpoints are intact.")
 
   def restore(self, step: int, abstract_state, *, with_data: bool = True):
     """(state, data_state or None); ``abstract_state`` carries target shapes/shardings."""
@@ -108,6 +167,8 @@ class Checkpointer:
     return bool(self.manager.reached_preemption(step))
 
   def wait(self) -> None:
+    """Waits for the last save; raises ``CheckpointSaveError`` if it failed."""
+    self._settle()
     self.manager.wait_until_finished()
 
   def close(self) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from mashvlm_jax import paths
 from mashvlm_jax.model import mashvlm
 from mashvlm_jax.model.config import ModelConfig
 from mashvlm_jax.train import checkpoint as ckpt_lib
@@ -313,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   from mashvlm_jax.data import pipeline
 
-  workdir = epath.Path(workdir)
+  workdir = epath.Path(paths.local_path(str(workdir)))
   setup = build(config)
   total = int(config.total_steps)
   pipeline.ensure_built(config)
@@ -402,16 +403,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           window_start, window_steps = time.perf_counter(), 0
         if is_save or stop_now:
           save(step)
+        else:
+          checkpointer.check()  # a failed background save stops the run here
         if stop_now:
           preempted = step < total
           log.warning("preemption signal: saved step %d, exiting", step)
           break
   finally:
-    checkpointer.wait()
-    checkpointer.close()
     logger.close()
     if fingerprints:
       fingerprints.close()
+    try:
+      checkpointer.wait()  # raises CheckpointSaveError if the last save failed
+    finally:
+      checkpointer.close()
 
   final_step = int(jax.device_get(state.step))
   plot = workdir / "loss_curve.png"
