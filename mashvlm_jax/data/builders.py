@@ -22,6 +22,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -30,7 +31,7 @@ from mashvlm_jax.data import annotations, synthetic, tokenizer, video
 from mashvlm_jax.data.chat import ChatTemplate
 from mashvlm_jax.data.tasks import open_ended, train_mix, unscene_binary
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mashvlm.data")
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -46,6 +47,44 @@ SYNTHETIC_PRESETS = {
 
 class BuildError(RuntimeError):
   """A build that failed on more records than the allowed share; nothing was written."""
+
+
+class BuildReport:
+  """Builder mixin: the project's own console report of a build, replacing TFDS's
+  "Downloading and preparing dataset Unknown size ..." lines: one line naming the data
+  set, its split sizes and directory, a progress bar over the records, and the time the
+  build took. ``planned_sizes()`` gives the split sizes known before the build (or {});
+  generators call ``count_records(n)`` as records are done or planned (``planned``)."""
+
+  def planned_sizes(self) -> dict:
+    return {}
+
+  def _log_download_bytes(self):  # TFDS hook, called once before the splits are generated
+    from tqdm import tqdm
+    sizes = self.planned_sizes()
+    what = ", ".join(f"{split} {n}" for split, n in sizes.items()) or "sizes from annotations"
+    log.info("building data set %s/%s (%s) in %s", self.name, self.builder_config.name, what,
+             self.data_dir_root)
+    self._build_start = time.perf_counter()
+    self._bar = tqdm(total=sum(sizes.values()) or None, desc=f"building {self.name}",
+                     unit="record", dynamic_ncols=True)
+
+  def count_records(self, done: int = 0, planned: int = 0) -> None:
+    bar = getattr(self, "_bar", None)
+    if bar is None:
+      return
+    if planned:
+      bar.total = (bar.total or 0) + planned
+      bar.refresh()
+    if done:
+      bar.update(done)
+
+  def _log_download_done(self):  # TFDS hook, called once the data set is complete
+    bar = getattr(self, "_bar", None)
+    if bar is not None:
+      bar.close()
+    log.info("built %s/%s in %.1f s", self.name, self.builder_config.name,
+             time.perf_counter() - getattr(self, "_build_start", time.perf_counter()))
 
 
 def features(num_frames: int, size: int) -> tfds.features.FeaturesDict:
@@ -134,7 +173,7 @@ def synthetic_config(preset: str = "default", num_frames: int = 8, size: int = 6
                          description=f"synthetic UNSCENE, {preset} sizes")
 
 
-class SyntheticUnscene(tfds.core.GeneratorBasedBuilder):
+class SyntheticUnscene(BuildReport, tfds.core.GeneratorBasedBuilder):
   """Procedural action/scene videos (synthetic.py) with UNSCENE-style questions."""
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [synthetic_config(p) for p in SYNTHETIC_PRESETS]
@@ -144,6 +183,9 @@ class SyntheticUnscene(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     return tfds.core.DatasetInfo(builder=self, description=__doc__,
                                  features=features(cfg.num_frames, cfg.size))
+
+  def planned_sizes(self) -> dict:
+    return self.builder_config.split_sizes
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -156,6 +198,7 @@ class SyntheticUnscene(tfds.core.GeneratorBasedBuilder):
                                  scene_only_share=cfg.scene_only_share)
     for spec in specs:
       yield spec.id, synthetic_example(spec, cfg.num_frames, cfg.size)
+      self.count_records(1)
 
   def _download_and_prepare(self, dl_manager, download_config):
     super()._download_and_prepare(dl_manager, download_config)
@@ -179,7 +222,7 @@ class LocalConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class LocalVideoQa(tfds.core.GeneratorBasedBuilder):
+class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
   """Users' videos with VideoChat2-IT, MVBench or UNSCENE annotations, decoded and
   frame-sampled at build time (video.read_video, ``sample_mode``, no random draws)."""
   VERSION = tfds.core.Version("1.0.0")
@@ -225,12 +268,14 @@ class LocalVideoQa(tfds.core.GeneratorBasedBuilder):
     for failure in failures:
       log.warning("skipping %s", failure)
     total, written = len(items) + len(failures), 0
+    self.count_records(planned=len(items))
     threads = max(1, cfg.num_threads)
     chunk = 8 * threads  # bounded look-ahead: decoded videos are held until written
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       for begin in range(0, len(items), chunk):
         batch = items[begin:begin + chunk]
         for item, (ex, why) in zip(batch, pool.map(self._decode, batch)):
+          self.count_records(1)
           if ex is None:
             failure = annotations.Failure(f"record {item.key} (video {item.video})", *why)
             log.warning("skipping %s", failure)

@@ -25,7 +25,7 @@ import numpy as np
 from mashvlm_jax.data import chat, frames as frames_lib, registry
 from mashvlm_jax.data.registry import ensure_built  # noqa: F401  (the trainer's entry)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mashvlm.data")
 
 BATCH_KEYS = ("frames", "text_ids", "text_mask", "labels", "label_mask")
 QA_MODES = ("sample", "all")

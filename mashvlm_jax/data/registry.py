@@ -6,6 +6,7 @@ training command calls it, so a fresh machine trains on the first run);
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import pathlib
 from mashvlm_jax.data import builders
 from mashvlm_jax.data import tokenizer as tokenizer_lib
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mashvlm.data")
 
 NAMES = ("synthetic_unscene", "local_video_qa")
 
@@ -98,18 +99,32 @@ def ensure_built(config, overwrite: bool = False):
   reader would take for a finished data set. ``overwrite`` rebuilds a finished one.
   """
   import tensorflow_datasets as tfds
-  b = builder(config)
-  if b.is_prepared() and not overwrite:
-    return b
-  tfds.disable_progress_bar()
-  log.info("building %s/%s in %s", b.name, b.builder_config.name, data_dir(config))
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if not overwrite
-          else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
-  b.download_and_prepare(file_format="array_record",
-                         download_config=tfds.download.DownloadConfig(download_mode=mode))
-  fresh = builder(config)  # a fresh instance reads the finished directory's metadata
+  with tfds_quiet():
+    b = builder(config)
+    if b.is_prepared() and not overwrite:
+      return b
+    tfds.disable_progress_bar()  # the builders report instead (builders.BuildReport)
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if not overwrite
+            else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
+    b.download_and_prepare(file_format="array_record",
+                           download_config=tfds.download.DownloadConfig(download_mode=mode))
+    fresh = builder(config)  # a fresh instance reads the finished directory's metadata
   fresh.report = getattr(b, "report", {})
   return fresh
+
+
+@contextlib.contextmanager
+def tfds_quiet():
+  """Drops TFDS's warnings below ERROR (e.g. "Variant folder ... has no
+  dataset_info.json", said of every data set not built yet)."""
+  def keep(record):
+    return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(keep)
 
 
 def built_builder(config):
