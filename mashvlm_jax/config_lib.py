@@ -12,7 +12,7 @@ import ml_collections
 
 # Tables 5 and 6 of the paper use standard (distinct) RoPE: Table 6's last row (45.36)
 # equals Table 7's "Distinct only" row. Table 5 rows keep plain causal order across the
-# two video types (its best row equals Table 6's first row, 41.89). DESIGN.md, DST mask.
+# two video types (its best row equals Table 6's first row, 41.89). docs/design.md, DST mask.
 _CAUSAL_ACROSS = dict(temporal_sees_spatial=False, spatial_sees_temporal=True)
 _DST_ACROSS = dict(temporal_sees_spatial=False, spatial_sees_temporal=False)
 ABLATIONS = {

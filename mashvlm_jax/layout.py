@@ -1,6 +1,6 @@
 """Sequence layout of MASH-VLM: token types, the two position-id streams and the DST mask.
 
-Every row is ``[temporal M][spatial N][text L][pad]`` (DESIGN.md). All functions here are
+Every row is ``[temporal M][spatial N][text L][pad]`` (docs/design.md). All functions here are
 pure and work on numpy arrays (numpy out) and on jax arrays / tracers (jax out), so the
 same definitions serve data pipelines, tests and jitted model code. Trailing axis is the
 sequence; any leading batch axes are carried through.
@@ -196,7 +196,7 @@ def next_position_ids(position_ids, types, steps=0):
 
   ``position_ids`` int[..., 2, S] and ``types`` int[..., S] describe the prompt (the KV
   cache's prefill); ``steps`` is an int or int[...]. Appending text tokens right after
-  the last real token, this equals ``position_ids`` of the grown sequence (DESIGN.md:
+  the last real token, this equals ``position_ids`` of the grown sequence (docs/design.md:
   decoding continues both streams by +1 per generated token).
   """
   xp = _xp(types)

@@ -2,7 +2,7 @@
 written directly, importing nothing from mashvlm_jax's model code."""
 import numpy as np
 
-T_, S_, X_, P_ = 1, 2, 0, 3  # temporal, spatial, text, pad as laid out in DESIGN.md
+T_, S_, X_, P_ = 1, 2, 0, 3  # temporal, spatial, text, pad as laid out in docs/design.md
 
 
 def paper_ids(m, n, l, pad=0):

@@ -1,6 +1,6 @@
 """Chat template, tokenisation, answer-only labels and truncation for one example.
 
-The text row follows the video block (DESIGN.md: ``[temporal M][spatial N][text L]``):
+The text row follows the video block (docs/design.md: ``[temporal M][spatial N][text L]``):
 
     <s> {system} {instruction} USER: {q1} ASSISTANT: {a1}</s> USER: {q2} ASSISTANT: {a2}</s>
 

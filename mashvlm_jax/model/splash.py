@@ -1,6 +1,6 @@
 """DST attention with the TPU splash-attention kernel (Pallas).
 
-The video block is a fixed prefix of every row (DESIGN.md), so the DST mask is static for a
+The video block is a fixed prefix of every row (docs/design.md), so the DST mask is static for a
 config: it is built once by ``layout.dst_mask`` over ``[temporal M][spatial N][text ...]``
 with the text part reaching the padded length, handed to splash as a ``NumpyMask``, and
 splash skips every block that mask leaves empty (e.g. spatial queries x temporal keys under
