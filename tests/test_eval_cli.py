@@ -1,5 +1,7 @@
 """`mashvlm eval`, `import-judgments` and `attention-plot` end to end on a 2-step
-checkpoint of the tiny config (subprocesses; slow)."""
+checkpoint of the tiny config. Slow: every command is a fresh process that imports JAX and
+compiles the model (4-10 s each on 2 cores), and the checkpoint comes from `mashvlm
+train`; the evaluators' values and resumes are checked in-process in test_eval_values.py."""
 import json
 import os
 import subprocess
@@ -14,13 +16,31 @@ DATA = ["--config=configs/tiny_synthetic.py", "--config.data.builder_config=tiny
         "--config.data.test_size=2", "--config.data.batch_size=4"]
 
 
-def run_cli(command, *args, data_dir, timeout=600):
+# `mashvlm` with the evaluators' work counted (test_eval_values.count_work): the counts
+# go to the JSON file named by the first argument.
+COUNTED_CLI = """
+import json, sys
+sys.path.insert(0, "tests")
+from test_eval_values import count_work
+from mashvlm_jax import cli
+with count_work() as work:
+  try:
+    cli.main(["mashvlm"] + sys.argv[2:])
+  finally:
+    open(sys.argv[1], "w").write(json.dumps(work))
+"""
+
+
+def run_cli(command, *args, data_dir, timeout=600, counts=None):
+  """Runs `mashvlm command args`; with ``counts`` (a path) returns (output, the work the
+  evaluators did: model rows and prediction rows written)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", MASHVLM_DATA_DIR=str(data_dir))
   env.pop("PYTEST_CURRENT_TEST", None)
-  out = subprocess.run([sys.executable, "-m", "mashvlm_jax.cli", command, *args], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=timeout)
+  program = ["-m", "mashvlm_jax.cli"] if counts is None else ["-c", COUNTED_CLI, str(counts)]
+  out = subprocess.run([sys.executable, *program, command, *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, out.stderr[-3000:]
-  return out
+  return out if counts is None else (out, json.loads(counts.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +54,26 @@ def trained(tmp_path_factory):
   return data_dir, workdir
 
 
-def test_eval_synthetic_and_resume(trained):
+def test_eval_synthetic_and_resume(trained, tmp_path):
+  """Default --out <checkpoint>/eval/synthetic; the same command again computes nothing
+  and leaves every file as it was."""
   data_dir, workdir = trained
-  out = run_cli("eval", *DATA, f"--checkpoint={workdir}", "--benchmark=synthetic",
-                data_dir=data_dir)
-  result = json.loads((workdir / "eval" / "synthetic" / "result.json").read_text())
+  args = ["eval", *DATA, f"--checkpoint={workdir}", "--benchmark=synthetic"]
+  out, work = run_cli(*args, data_dir=data_dir, counts=tmp_path / "first.json")
+  eval_dir = workdir / "eval" / "synthetic"
+  result = json.loads((eval_dir / "result.json").read_text())
   assert result["binary"]["counts"]["Unusual Action"] == 2
-  assert result["binary"]["questions"] == 2 * (4 + 4 + 2)  # 2 clips per split
+  questions = 2 * (4 + 4 + 2)  # 2 clips per split
+  assert result["binary"]["questions"] == questions
+  assert work["rows_written"] == questions + 2 * 3 * 2  # + action and scene per clip
   assert "| Scene-only Action | Unusual Action | Unusual Scene | Avg." in out.stdout
-  first = (workdir / "eval" / "synthetic" / "binary" / "predictions.jsonl").read_text()
-  run_cli("eval", *DATA, f"--checkpoint={workdir}/checkpoints/2", "--benchmark=synthetic",
-          data_dir=data_dir)
-  assert (workdir / "eval" / "synthetic" / "binary" / "predictions.jsonl").read_text() == first
+  files = {p: p.read_text() for p in sorted(eval_dir.rglob("*")) if p.is_file()}
+  # binary/ and labels/: predictions.jsonl, result.json, result.md; combined result.{json,md}
+  assert len(files) == 8
+  out, work = run_cli(*args, data_dir=data_dir, counts=tmp_path / "second.json")
+  assert work == {}  # no model call, no prediction row
+  assert {p: p.read_text() for p in sorted(eval_dir.rglob("*")) if p.is_file()} == files
+  assert "| Scene-only Action | Unusual Action | Unusual Scene | Avg." in out.stdout
 
 
 def test_eval_generate_mode_and_open_ended_with_judgments(trained, tmp_path):
