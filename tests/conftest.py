@@ -1,3 +1,4 @@
+import importlib
 import importlib.util
 import os
 import pathlib
@@ -7,6 +8,31 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# How each optional dependency of the tests is installed (pyproject.toml extras).
+INSTALL = {
+    "torch": 'pip install -e ".[torch]" -c constraints.txt',
+    "transformers": 'pip install -e ".[torch]" -c constraints.txt',
+    "safetensors": 'pip install -e ".[torch]" -c constraints.txt',
+    "libtpu": 'pip install -e ".[tpu]" -c constraints.txt',
+    "xmanager": 'pip install -e ".[launch]" -c constraints.txt',
+}
+
+
+def in_ci() -> bool:
+  """True when the CI environment variable is set (CI=true, as CI services set it)."""
+  return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(module: str):
+  """Imports ``module`` for the tests that need it. Under CI a missing module fails the
+  run (ImportError); elsewhere the test (or module, at import time) skips and the reason
+  says how to install it."""
+  if in_ci():
+    return importlib.import_module(module)
+  top = module.split(".")[0]
+  how = INSTALL.get(top, f"pip install {top}")
+  return pytest.importorskip(module, reason=f"{module} is not installed: {how}")
 
 
 def load_config(name: str, arg: str | None = None):

@@ -1,9 +1,14 @@
 """The console script as a user types it."""
+import ast
 import os
+import shutil
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, in_ci
+from mashvlm_jax import cli
 
 
 def run(*args):
@@ -25,3 +30,62 @@ def test_unknown_command_and_missing_config():
   assert out.returncode == 2 and "unknown command 'bogus'" in out.stderr
   out = run("info")
   assert out.returncode != 0 and "--config is required" in out.stderr
+
+
+def console_script() -> str:
+  """The installed ``mashvlm`` console script (pyproject [project.scripts]): the one beside
+  this Python, else the first on PATH. Missing: a failure under CI, a skip elsewhere."""
+  search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+  found = shutil.which("mashvlm", path=search)
+  if found is None:
+    message = "no mashvlm console script on PATH: pip install -e . -c constraints.txt"
+    if in_ci():
+      pytest.fail(message)
+    pytest.skip(message)
+  return found
+
+
+def defined_flags(path) -> set[str]:
+  """Names of the absl flags a command module defines (first argument of DEFINE_* calls)."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if (isinstance(node, ast.Call) and node.args
+        and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+        and getattr(node.func, "attr", getattr(node.func, "id", "")).startswith("DEFINE")):
+      names.add(node.args[0].value)
+  return names
+
+
+@pytest.fixture(scope="module")
+def helps():
+  """{command: ``mashvlm <command> --help`` through the installed script}, every command
+  found in mashvlm_jax/commands/ (cli.commands())."""
+  script = console_script()
+  return {command: subprocess.run([script, command, "--help"], cwd=ROOT,
+                                  env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                                  capture_output=True, text=True, timeout=300)
+          for command in cli.commands()}
+
+
+def test_every_command_help_shows_its_summary_and_flags(helps):
+  assert len(helps) >= 9
+  for command, out in helps.items():
+    path = cli.commands()[command]
+    assert out.stdout.startswith(cli.summary(path)), (command, out.stdout[:500], out.stderr)
+    flags = defined_flags(path)
+    assert flags, f"{path} defines no flags"
+    for name in flags:
+      assert f"--{name}:" in out.stdout or f"--[no]{name}:" in out.stdout, (command, name)
+
+
+def test_every_command_help_exits_0(helps):
+  failed = {command: out.returncode for command, out in helps.items() if out.returncode}
+  assert not failed, failed
+
+
+def test_console_script_lists_every_command():
+  out = subprocess.run([console_script(), "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  for command, path in cli.commands().items():
+    assert f"  {command:<16} {cli.summary(path)}" in out.stdout

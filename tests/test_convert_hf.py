@@ -10,16 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import ROOT, require
+
+torch = require("torch")
+transformers = require("transformers")
 
 from mashvlm_jax.convert import hf_import, params_io, param_map, safetensors_io, torch_export
 from mashvlm_jax.convert.param_map import ConversionError
+from mashvlm_jax.data import tokenizer
 from mashvlm_jax.model.config import LlamaConfig, ModelConfig, VisionConfig
 from mashvlm_jax.model.llm import LlamaDecoder
 from mashvlm_jax.model.vision import ClipVisionEncoder
 from mashvlm_jax import torch_reference
-from conftest import ROOT
 
 LLAMAS = {
     # grouped queries (6 heads over 2 kv heads), untied, odd intermediate size, sharded
@@ -319,29 +321,28 @@ def test_cli_import_then_export(hf_dirs, tmp_path):
     assert torch.equal(llama2.state_dict()[name], value.to(torch.bfloat16)), name
 
 
-def _word_tokenizer(directory):
-  """A real HF fast tokenizer (word level), saved the way a LLaMA directory carries it."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "is", "the", "person",
-                                       "skiing", "?"])}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                              bos_token="<s>", eos_token="</s>")
-  fast.save_pretrained(directory)
-  return fast
-
-
 def test_export_ships_the_tokenizer(hf_dirs, tmp_path):
+  """The project's word tokenizer (data/tokenizer.py), as the synthetic build stores it (one
+  tokenizer.json) and as a LLaMA directory carries it (with tokenizer_config.json naming
+  the special tokens): AutoTokenizer on the export gives the project's ids."""
   root, _, _ = hf_dirs
-  source = _word_tokenizer(tmp_path / "tok")
+  words = tokenizer.build_word_tokenizer(["USER: is the person skiing? ASSISTANT: yes"])
+  tokenizer.save_atomic(words, tmp_path / "data" / "tokenizer.json")
+  ours = tokenizer.Tokenizer(str(tmp_path / "data" / "tokenizer.json"), kind="word")
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=words, unk_token=tokenizer.UNK, bos_token=tokenizer.BOS,
+      eos_token=tokenizer.EOS, pad_token=tokenizer.PAD).save_pretrained(tmp_path / "llama")
   params, cfg = hf_import.import_hf(root / "llm", root / "clip", model_config(),
                                     adopt_hf_config=True)
-  out = torch_export.export_torch(params, cfg, tmp_path / "out", tokenizer=tmp_path / "tok")
-  loaded = transformers.AutoTokenizer.from_pretrained(out / "language_model")
-  text = "is the person skiing ?"
-  assert loaded(text)["input_ids"] == source(text)["input_ids"] == [3, 4, 5, 6, 7]
-  assert loaded.eos_token == "</s>"
+  text = "USER: Is the person skiing? ASSISTANT: yes"
+  want = ours.encode(text)
+  assert len(want) == 10 and ours.unk_id not in want
+  for name, source in (("file", tmp_path / "data" / "tokenizer.json"),
+                       ("directory", tmp_path / "llama")):
+    out = torch_export.export_torch(params, cfg, tmp_path / name, tokenizer=source)
+    loaded = transformers.AutoTokenizer.from_pretrained(out / "language_model")
+    assert loaded(text, add_special_tokens=False)["input_ids"] == want, name
+  assert (loaded.eos_token_id, loaded.pad_token_id) == (ours.eos_id, ours.pad_id)
 
   # a source without tokenizer files fails before anything is written
   (tmp_path / "empty").mkdir()

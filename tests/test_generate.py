@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mashvlm_jax import layout
+from mashvlm_jax.data import tokenizer
 from mashvlm_jax.eval import generate
 from mashvlm_jax.model import mashvlm
 from mashvlm_jax.model.config import ModelConfig
@@ -136,23 +137,26 @@ def test_sampling_is_seeded():
   assert a == b and a != c
 
 
-class WordTokenizer:
-  """ids -> words, enough for the stop-string bookkeeping."""
-  words = ["<pad>", "<unk>", "<s>", "</s>", "yes", "no", "USER:", "a", "b"]
-  pad_id, eos_id = 0, 3
+def word_tokenizer(tmp_path):
+  """The synthetic set's kind of tokenizer (data/tokenizer.py): lower-cased words and
+  punctuation; ids <pad>=0, <unk>=1, <s>=2, </s>=3, then ":"=4, "a"=5, "b"=6, "no"=7,
+  "user"=8, "yes"=9."""
+  path = tmp_path / "tokenizer.json"
+  tokenizer.save_atomic(tokenizer.build_word_tokenizer(["yes no a b USER:"]), path)
+  return tokenizer.Tokenizer(str(path), kind="word")
 
-  def decode(self, ids):
-    return " ".join(self.words[i] for i in ids)
 
-
-def test_stop_strings_cut_the_text():
-  rows = generate._Rows(2, generate.SamplingParams(max_new_tokens=5, eos_id=3,
-                                                   stop_strings=("USER:",)), WordTokenizer())
-  for tokens in ([4, 5], [7, 6], [8, 4], [8, 3]):
+def test_stop_strings_cut_the_text(tmp_path):
+  tok = word_tokenizer(tmp_path)
+  assert tok.encode("yes a b no USER:") == [9, 5, 6, 7, 8, 4] and tok.eos_id == 3
+  # the word tokenizer decodes "USER:" as "user :" (lower case, punctuation split off)
+  rows = generate._Rows(2, generate.SamplingParams(max_new_tokens=5, eos_id=tok.eos_id,
+                                                   stop_strings=("user :",)), tok)
+  for tokens in ([9, 7], [5, 8], [6, 4], [6, 9]):
     rows.add(np.array(tokens))
   assert rows.finish == ["length", "stop"]
   assert rows.texts() == ["yes a b b", "no "]
-  assert rows.tokens[1] == [5, 6]
+  assert rows.tokens[1] == [7, 8, 4]
   cfg = ModelConfig.from_dict(load_config("tiny_synthetic").model)
   with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
     generate.Generator(cfg, params=None).generate(

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 from absl import flags
 
-from conftest import ROOT
+from conftest import ROOT, require
 
 sys.path.insert(0, str(ROOT))
 from launch import gcloud_tpu as G  # noqa: E402
@@ -32,15 +32,6 @@ def get_config(arg=None):
   config.init_from = ""
   return config
 '''
-
-
-def require_xmanager():
-  """xmanager is part of the README test install (.[launch]); CI fails rather than skips
-  when it is missing, elsewhere the XManager tests skip with how to install it."""
-  if os.environ.get("CI"):
-    import xmanager  # noqa: F401
-  else:
-    pytest.importorskip("xmanager", reason='pip install -e ".[launch]" -c constraints.txt')
 
 
 @pytest.fixture
@@ -486,7 +477,7 @@ def test_xm_flags(config_file):
 
 
 def test_xm_cloud_tpu_experiment_is_built_without_launching(config_file, tmp_path):
-  require_xmanager()
+  require("xmanager")  # README test install (.[launch])
   from xmanager import xm, xm_cloud, xm_mock
   s = xm_settings(config_file)
   units, slc = X.check(s)
@@ -522,7 +513,7 @@ def test_xm_cloud_tpu_experiment_is_built_without_launching(config_file, tmp_pat
 
 
 def test_xm_local_experiment_runs_this_python(config_file):
-  require_xmanager()
+  require("xmanager")  # README test install (.[launch])
   from xmanager import xm, xm_local, xm_mock
   s = xm_settings(config_file, target="local", workdir="/tmp/mash", sweep=("total_steps=5,10",),
                   overrides=(), python="/usr/bin/python3")

@@ -122,10 +122,19 @@ def test_7b_parameter_counts():
   cfg = ModelConfig.from_dict(load_config("mashvlm_7b").model)
   assert cfg.video_token_counts == (47, 256)
   shapes = mashvlm.abstract_params(cfg)
-  llm = mashvlm.count_params(shapes["language_model"])
-  vision = mashvlm.count_params(shapes["vision_tower"])
-  assert abs(llm / 6.74e9 - 1) < 0.02, llm
-  assert abs(vision / 3.03e8 - 1) < 0.02, vision
+  # LLaMA-2-7B / Vicuna-7B: vocab V=32000, hidden d=4096, 32 layers, MLP f=11008, untied
+  # lm_head; per layer q, k, v, o (4 d^2), gate, up, down (3 d f) and two RMSNorm scales.
+  V, d, f = 32000, 4096, 11008
+  assert 2 * V * d + 32 * (4 * d * d + 3 * d * f + 2 * d) + d == 6_738_415_616
+  assert mashvlm.count_params(shapes["language_model"]) == 6_738_415_616
+  # CLIP ViT-L/14 at 224 px: patch conv (no bias), class token, 257 positions, pre/post
+  # LayerNorm; per layer q, k, v, o and fc1, fc2 with biases and two LayerNorms.
+  w, m = 1024, 4096
+  layer = 4 * (w * w + w) + (w * m + m) + (m * w + w) + 2 * 2 * w
+  assert 3 * 14 * 14 * w + w + 257 * w + 2 * w + 24 * layer + 2 * w == 303_179_776
+  assert mashvlm.count_params(shapes["vision_tower"]) == 303_179_776
+  # projector mlp2x_gelu: 1024 -> 4096 -> 4096 with biases
+  assert mashvlm.count_params(shapes["projector"]) == (w * d + d) + (d * d + d) == 20_979_712
 
 
 def test_wrong_frame_count_is_named():

@@ -5,7 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import require
+
+torch = require("torch")
 
 from mashvlm_jax import config_lib, torch_reference
 from mashvlm_jax.convert import hf_import, param_map, params_io, torch_export

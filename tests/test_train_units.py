@@ -1,11 +1,17 @@
 """Trainer building blocks: mesh resolution, sharding rules, optimizer rules, loss,
 gradient accumulation and the non-finite guard."""
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from conftest import load_config
+from mashvlm_jax.model import mashvlm
+from mashvlm_jax.model.config import ModelConfig
 from mashvlm_jax.train import optim, sharding, trainer
 
 
@@ -108,53 +114,73 @@ def test_masked_xent_against_numpy():
                         for i in range(3) if mask[b, i])
 
 
-class LinearModel:
-  """A stand-in with MashVLM's apply signature: logits = (frames mean) * w[text_ids]."""
+@functools.lru_cache(maxsize=None)
+def small_model():
+  """The real MashVLM, shrunk from the tiny config: 4 frames of 32x32 px (M=11, N=16), one
+  vision and one LLM layer, 64-token vocabulary; with its parameters."""
+  config = load_config("tiny_synthetic")
+  config.model.num_frames = 4
+  config.model.vision.update(image_size=32, num_layers=1)
+  config.model.llm.update(num_layers=1, vocab_size=64)
+  cfg = ModelConfig.from_dict(config.model)
+  return mashvlm.MashVLM(cfg), nn.unbox(mashvlm.init_params(cfg, jax.random.PRNGKey(0)))
 
-  def apply(self, variables, frames, text_ids, text_mask):
-    w = variables["params"]["w"]
-    scale = frames.astype(jnp.float32).mean(axis=(1, 2, 3, 4))[:, None, None]
-    return w[text_ids] * scale / 100.0
 
-
-def toy_batch(rows=4, length=6, vocab=7, seed=0):
+def toy_batch(rows=4, length=6, vocab=64, seed=0):
+  """A batch of the trainer's contract (data/pipeline.py) for small_model(); the last row
+  has 2 text pads."""
   rng = np.random.default_rng(seed)
-  return dict(frames=jnp.asarray(rng.integers(0, 256, (rows, 1, 2, 2, 3)), jnp.uint8),
+  text_mask = np.ones((rows, length), bool)
+  text_mask[-1, -2:] = False
+  return dict(frames=jnp.asarray(rng.integers(0, 256, (rows, 4, 32, 32, 3)), jnp.uint8),
               text_ids=jnp.asarray(rng.integers(0, vocab, (rows, length)), jnp.int32),
-              text_mask=jnp.ones((rows, length), bool),
+              text_mask=jnp.asarray(text_mask),
               labels=jnp.asarray(rng.integers(0, vocab, (rows, length)), jnp.int32),
-              label_mask=jnp.asarray(rng.integers(0, 2, (rows, length)), jnp.float32))
+              label_mask=jnp.asarray(rng.integers(0, 2, (rows, length)) * text_mask,
+                                     jnp.float32))
 
 
-def toy_state(tx, vocab=7):
-  params = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(vocab, vocab)), jnp.float32)}
+def toy_state(tx, params):
   return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
                             nonfinite=jnp.zeros((), jnp.int32))
 
 
 def test_gradient_accumulation_equals_full_batch():
+  """One SGD step of the real model: 4 microbatches of one row give the full batch's
+  update (2 microbatches through train(): tests/test_train_paths.py)."""
+  model, params = small_model()
   tx = optax.sgd(1.0)
   schedule = optax.constant_schedule(1.0)
+  trainable = jax.tree_util.tree_map(lambda _: True, params)
   batch = toy_batch()
   outs = []
-  for accum in (1, 2, 4):
-    step = jax.jit(trainer.make_train_step(LinearModel(), tx, schedule, accum=accum,
-                                           trainable={"w": True}))
-    outs.append(step(toy_state(tx), batch))
+  for accum in (1, 4):
+    step = jax.jit(trainer.make_train_step(model, tx, schedule, accum=accum,
+                                           trainable=trainable))
+    outs.append(step(toy_state(tx, params), batch))
   for state, metrics in outs[1:]:
-    np.testing.assert_allclose(state.params["w"], outs[0][0].params["w"], atol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                           state.params, outs[0][0].params)
     np.testing.assert_allclose(metrics["loss"], outs[0][1]["loss"], rtol=1e-6)
-  assert float(jnp.abs(outs[0][0].params["w"] - toy_state(tx).params["w"]).max()) > 1e-4
+  moved = outs[0][0].params["language_model"]["lm_head"]["kernel"] - \
+      params["language_model"]["lm_head"]["kernel"]
+  assert float(jnp.abs(moved).max()) > 1e-4
 
 
 def test_nonfinite_step_is_not_applied():
+  """An infinite weight makes the real model's loss NaN: nothing is applied, it is counted."""
+  model, params = small_model()
   tx = optax.adam(0.1)
-  step = jax.jit(trainer.make_train_step(LinearModel(), tx, optax.constant_schedule(0.1),
-                                         accum=1, trainable={"w": True}))
-  state = toy_state(tx)
-  state = state.replace(params={"w": state.params["w"].at[0, 0].set(jnp.inf)})
+  step = jax.jit(trainer.make_train_step(model, tx, optax.constant_schedule(0.1), accum=1,
+                                         trainable=jax.tree_util.tree_map(lambda _: True,
+                                                                          params)))
+  params = jax.tree_util.tree_map_with_path(  # a copy: small_model() is shared
+      lambda path, x: x.at[0, 0].set(jnp.inf) if "lm_head" in jax.tree_util.keystr(path)
+      else x, params)
+  state = toy_state(tx, params)
   new, metrics = step(state, toy_batch())
+  assert not np.isfinite(float(metrics["loss"]))
   assert int(metrics["nonfinite"]) == 1 and int(new.step) == 1
-  np.testing.assert_array_equal(new.params["w"], state.params["w"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, new.params, state.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, new.opt_state, state.opt_state)

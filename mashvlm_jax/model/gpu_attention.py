@@ -11,8 +11,12 @@ Which rows need it, over which keys and with which mask is read off ``layout.dst
 the video prefix, so the decomposition follows the one definition of the mask. Pad query
 rows are set to their own value (a pad query sees only itself in ``layout.dst_mask``).
 
-Text must be right-padded (DESIGN.md): real keys of a row are its first ``#non-pad``
-positions.
+Padding may sit anywhere in the text (right, left of the text, or between text tokens): each
+row is first permuted so that its non-pad tokens come first, in their order (``real_first``),
+which keeps the video prefix in place and makes the real keys of a row its first ``#non-pad``
+positions, the form the causal call with per-row key lengths needs; the output is permuted
+back. The permutation is a gather of q, k, v and of the output (its gradient a gather too),
+linear in the sequence length beside the quadratic attention.
 """
 from __future__ import annotations
 
@@ -70,12 +74,43 @@ def recompute_plan(spec) -> tuple[tuple[int, int, int, int, str | np.ndarray | N
   return tuple(plan)
 
 
+def real_first(types):
+  """(order, inverse), int32[B, S] each: ``x[b, order[b]]`` puts row b's non-pad tokens
+  first, in sequence order, then its pads; ``y[b, inverse[b]]`` undoes it."""
+  real = (types != layout.PAD).astype(jnp.int32)
+  real_rank = jnp.cumsum(real, axis=-1) - real
+  pad_rank = jnp.cumsum(1 - real, axis=-1) - (1 - real)
+  num_real = jnp.sum(real, axis=-1, keepdims=True)
+  inverse = jnp.where(real == 1, real_rank, num_real + pad_rank).astype(jnp.int32)
+  return jnp.argsort(inverse, axis=-1).astype(jnp.int32), inverse
+
+
+@jax.custom_vjp
+def _permute(x, order, inverse):
+  """x[b, order[b]] along axis 1 of x [B, S, ...]; ``inverse`` is order's inverse."""
+  index = order.reshape(order.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def _permute_fwd(x, order, inverse):
+  return _permute(x, order, inverse), (order, inverse)
+
+
+def _permute_bwd(residual, cotangent):
+  order, inverse = residual  # a permutation's transpose is its inverse: a gather again
+  return _permute(cotangent, inverse, order), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
 def dst_flash_attention(q, k, v, types, spec, *, implementation=None):
   """DST attention; equals ``dense_attention`` with ``layout.dst_mask``.
 
   Args:
     q: [B, S, Hq, D] queries (already rotated); k, v: [B, S, Hkv, D], Hq % Hkv == 0.
-    types: int32[B, S], the video prefix of ``spec`` then right-padded text.
+    types: int32[B, S], the video prefix of ``spec`` then text, padded anywhere after
+      the prefix (PAD tokens).
     spec: ``attention.AttentionSpec`` (M, N and the mask switches).
     implementation: "cudnn" or "xla" (default: ``default_implementation(q.dtype)``).
   Returns:
@@ -85,12 +120,15 @@ def dst_flash_attention(q, k, v, types, spec, *, implementation=None):
     raise ValueError(f"types must be [B, S] = {q.shape[:2]}, found {types.shape}")
   impl = implementation or default_implementation(q.dtype)
   attn = lambda *a, **kw: jax.nn.dot_product_attention(*a, implementation=impl, **kw)
+  order, inverse = real_first(types)
+  qs, ks, vs = (_permute(x, order, inverse) for x in (q, k, v))
   lengths = jnp.sum(types != layout.PAD, axis=-1).astype(jnp.int32)
-  out = attn(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
+  out = attn(qs, ks, vs, is_causal=True, key_value_seq_lengths=lengths)
   for q0, q1, k0, k1, how in recompute_plan(spec):
     is_causal = isinstance(how, str)
     mask = None if how is None or is_causal else jnp.asarray(how)[None, None]
-    rows = attn(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask=mask, is_causal=is_causal)
+    rows = attn(qs[:, q0:q1], ks[:, k0:k1], vs[:, k0:k1], mask=mask, is_causal=is_causal)
     out = out.at[:, q0:q1].set(rows)
+  out = _permute(out, inverse, order)
   own_value = jnp.repeat(v, q.shape[2] // k.shape[2], axis=2)
   return jnp.where((types == layout.PAD)[..., None, None], own_value, out).astype(q.dtype)

@@ -121,13 +121,17 @@ def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
       (nll, count, correct, grads), _ = jax.lax.scan(
           body, (0.0, 0.0, 0.0, zeros), micro)
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    # in the parameters' dtype: a float32 division would turn bf16 optimizer state into
+    # float32 after one step (a recompile, and checkpoints unlike the abstract state)
+    grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads,
+                                   state.params)
     loss = nll / denom
     grad_norm = optax.tree.norm(
         jax.tree_util.tree_map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable))
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # the update too: a non-finite learning rate makes NaN parameters from finite grads
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
                            opt_state=keep(new_opt, state.opt_state),
