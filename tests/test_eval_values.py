@@ -8,7 +8,7 @@ and the tiny synthetic set (2 clips per test split):
 - each result table follows from predictions.jsonl by the rule its module documents;
 - a rerun on the same output directory computes nothing (no model call, no new row) and
   gives identical results; a torn run computes only the missing rows;
-- ``check_model_config`` names the differing field.
+- ``params_io.check_model_config`` names the differing field.
 """
 import collections
 import contextlib
@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from mashvlm_jax.convert import params_io
 from mashvlm_jax.data import pipeline, registry
 from mashvlm_jax.data import synthetic as synthetic_data
 from mashvlm_jax.eval import common, generate, open_ended, scoring, synthetic, unscene
@@ -542,10 +543,10 @@ def test_interrupted_run_computes_only_the_missing_rows(bench, tmp_path):
 def test_check_model_config_names_the_differing_field(bench, tmp_path):
   config = bench.config
   path = tmp_path / "model_config.json"
-  common.check_model_config(config, path)  # no stored config: nothing to compare
+  params_io.check_model_config(config, path)  # no stored config: nothing to compare
   stored = ModelConfig.from_dict(config.model).to_dict()
   path.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")  # as the trainer
-  common.check_model_config(config, path)
+  params_io.check_model_config(config, path)
   changes = [("rope_mode", "distinct", "model.rope_mode"),
              ("num_frames", 16, "model.num_frames"),
              ("mask", dict(stored["mask"], temporal="bidirectional"), "model.mask.temporal"),
@@ -553,7 +554,7 @@ def test_check_model_config_names_the_differing_field(bench, tmp_path):
   for key, value, field in changes:
     path.write_text(json.dumps(dict(stored, **{key: value})))
     with pytest.raises(ValueError, match=rf"{field}: config .* vs checkpoint") as error:
-      common.check_model_config(config, path)
+      params_io.check_model_config(config, path)
     assert str(path) in str(error.value)
     assert "num_heads" not in str(error.value)  # only the differing field is named
   # load_params checks before it restores anything

@@ -200,3 +200,29 @@ def test_nan_policy_stop_then_resume_with_skip(tmp_path, data_dir, imported):
   head = ("language_model", "lm_head", "kernel")  # step 4 trained on
   change = np.abs(param_map.get_path(after[4], head) - param_map.get_path(after[3], head))
   assert change.max() > LR / 2
+
+
+def test_init_from_a_trainer_run_takes_parameters_only(tmp_path, data_dir, accum_runs):
+  """A fine-tuning run from a trainer workdir or step directory: the parameters of that
+  step, a fresh optimizer state and a step counter from 0 (with lr 0 the parameters come
+  out unchanged and Adam's moments hold one step's gradients only)."""
+  stage1 = accum_runs[1]  # a workdir trained for 1 step
+  start, _ = params_io.load_params(stage1)
+  for source in (stage1, stage1 / "checkpoints" / "1"):
+    workdir = tmp_path / source.name
+    out = run_cli("train", *train_args(workdir, 2, 2), "--config.optim.lr=0.0",
+                  f"--config.init_from={source}", data_dir=data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ckpt_steps(workdir) == [2], "the step counter did not start at 0"
+    assert [m["step"] for m in metrics(workdir)] == [1, 2]
+    tuned, _ = params_io.load_params(workdir)
+    for path, want in param_map.leaves(start).items():
+      np.testing.assert_array_equal(param_map.get_path(tuned, path), want, err_msg=str(path))
+
+  # the stage-1 run's model config differs in one field: refused, that field named
+  out = run_cli("train", *train_args(tmp_path / "other", 1, 1),
+                "--config.model.mask.temporal=bidirectional",
+                f"--config.init_from={stage1}", data_dir=data_dir)
+  assert out.returncode != 0
+  assert "model.mask.temporal: config 'bidirectional' vs checkpoint 'causal'" in out.stderr, (
+      out.stderr[-3000:])

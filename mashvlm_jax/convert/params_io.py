@@ -131,6 +131,36 @@ def load_model_config(directory):
   return ModelConfig.from_dict(json.loads(path.read_text()))
 
 
+# Keys that change what a checkpoint computes (ablation presets share parameter shapes,
+# so a wrong --config would load silently and evaluate another model).
+MODEL_KEYS = ("rope_mode", "mask", "num_frames", "projector", "vision", "llm")
+
+
+def check_model_config(config, path) -> None:
+  """Raises ValueError naming each field (e.g. ``model.llm.num_layers``) where
+  ``config.model`` differs from the model config the trainer stored beside its
+  checkpoints (no-op when there is none)."""
+  path = _epath(path)
+  if not path.exists():
+    return
+  from mashvlm_jax.model.config import ModelConfig
+  stored = json.loads(path.read_text())
+  given = ModelConfig.from_dict(config.model).to_dict()
+  diff = [f"{name}: config {a!r} vs checkpoint {b!r}" for k in MODEL_KEYS if k in stored
+          for name, a, b in _differences(f"model.{k}", given[k], stored[k])]
+  if diff:
+    raise ValueError(f"--config does not describe the model trained in {path.parent} "
+                     f"(e.g. another ablation preset); {path} differs: " + "; ".join(diff))
+
+
+def _differences(name: str, given, stored) -> list[tuple]:
+  """(dotted field name, given, stored) for each leaf where two config values differ."""
+  if isinstance(given, dict) and isinstance(stored, dict):
+    return [d for key in sorted(set(given) | set(stored))
+            for d in _differences(f"{name}.{key}", given.get(key), stored.get(key))]
+  return [] if given == stored else [(name, given, stored)]
+
+
 def load_params(directory, *, check: bool = True):
   """(params, ModelConfig) from ``save_params``' directory; leaves are numpy arrays.
 

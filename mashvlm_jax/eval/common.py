@@ -40,7 +40,7 @@ def load_params(config, path, step: int | None = None):
   from mashvlm_jax.train import checkpoint as ckpt_lib
   from mashvlm_jax.train import trainer
   directory, found_step = resolve_checkpoint(path)
-  check_model_config(config, directory.parent / "model_config.json")
+  params_io.check_model_config(config, directory.parent / params_io.CONFIG_FILE)
   checkpointer = ckpt_lib.Checkpointer(directory, use_async=False)
   try:
     step = step if step is not None else found_step
@@ -54,36 +54,6 @@ def load_params(config, path, step: int | None = None):
     checkpointer.close()
   log.info("restored step %d from %s", step, directory)
   return state.params
-
-
-# Keys that change what a checkpoint computes (ablation presets share parameter shapes,
-# so a wrong --config would load silently and evaluate another model).
-MODEL_KEYS = ("rope_mode", "mask", "num_frames", "projector", "vision", "llm")
-
-
-def check_model_config(config, path) -> None:
-  """Raises ValueError naming each field (e.g. ``model.llm.num_layers``) where
-  ``config.model`` differs from the model config the trainer stored beside its
-  checkpoints (no-op when there is none)."""
-  path = pathlib.Path(path)
-  if not path.exists():
-    return
-  from mashvlm_jax.model.config import ModelConfig
-  stored = json.loads(path.read_text())
-  given = ModelConfig.from_dict(config.model).to_dict()
-  diff = [f"{name}: config {a!r} vs checkpoint {b!r}" for k in MODEL_KEYS if k in stored
-          for name, a, b in _differences(f"model.{k}", given[k], stored[k])]
-  if diff:
-    raise ValueError(f"--config does not describe the model trained in {path.parent} "
-                     f"(e.g. another ablation preset); {path} differs: " + "; ".join(diff))
-
-
-def _differences(name: str, given, stored) -> list[tuple]:
-  """(dotted field name, given, stored) for each leaf where two config values differ."""
-  if isinstance(given, dict) and isinstance(stored, dict):
-    return [d for key in sorted(set(given) | set(stored))
-            for d in _differences(f"{name}.{key}", given.get(key), stored.get(key))]
-  return [] if given == stored else [(name, given, stored)]
 
 
 # ------------------------------------------------------------------------------ prompts

@@ -208,11 +208,17 @@ def init_state(setup: Setup, seed: int) -> TrainState:
   return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.PRNGKey(seed))
 
 
-def load_initial_params(setup: Setup, state: TrainState, directory: str) -> TrainState:
-  """Replaces the parameters found in an ``import-hf`` checkpoint; the rest (e.g. a
-  projector the checkpoint does not carry) keeps its fresh initialisation."""
+def load_initial_params(config, setup: Setup, state: TrainState, directory: str) -> TrainState:
+  """Replaces the parameters found in ``directory`` (``init_from``): an ``import-hf``
+  output, a trainer workdir (its latest step) or one of its step directories. Parameters
+  only: the optimizer state stays fresh and the step counter at 0; what the checkpoint
+  does not carry (e.g. a projector) keeps its fresh initialisation. The model config
+  stored with the checkpoint must agree with ``config.model`` (ValueError naming each
+  differing field)."""
   from flax import traverse_util
   from mashvlm_jax.convert import params_io
+  params_io.check_model_config(
+      config, params_io.resolve_checkpoint(directory)[2] / params_io.CONFIG_FILE)
   loaded = traverse_util.flatten_dict(params_io.load_params(directory)[0], sep="/")
   fresh = traverse_util.flatten_dict(state.params, sep="/")
   shardings = traverse_util.flatten_dict(setup.state_shardings.params, sep="/")
@@ -342,7 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = init_state(setup, int(config.seed))
     if config.get("init_from"):
-      state = load_initial_params(setup, state, config.init_from)
+      state = load_initial_params(config, setup, state, config.init_from)
 
   step_fn = jax.jit(
       make_train_step(setup.model, setup.tx, setup.schedule,
