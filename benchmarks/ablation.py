@@ -1,27 +1,23 @@
 """The paper's ablations (Tables 5, 6, 7) on the synthetic benchmark, on a CPU.
 
-    python benchmarks/ablation.py --root=/tmp/mashvlm_ablation --steps=1500 \
+    python benchmarks/ablation.py --root=/tmp/mashvlm_methods --steps=1500 \
         --seeds=0,1,2 --eval_items=48 --doc=docs/ablation.md
 
-Each run is the README's main job (1500 steps, about 7 minutes on 2 cores); at 500 steps
-the yes/no questions are still at chance (51%) and the tables say nothing.
+Each run is the README's main job (1500 steps on 2 cores); at 500 steps the yes/no
+questions are still at chance (51%) and the tables say nothing.
 
-Trains configs/tiny_synthetic.py (builder config ``default``) once per distinct preset of
-mashvlm_jax/config_lib.py ABLATIONS (identical presets run once: t5_causal_causal is the
-baseline, t6_disable_spatial_to_temporal is t5_causal_bi, t7_distinct is t6_disable_both,
-mash is t7_harmonic) and seed, evaluates every run on the synthetic UNSCENE splits
-(eval/synthetic.py: dual yes/no questions by likelihood, and the action/scene label
-probe) and writes the tables in the paper's layout, mean +- standard deviation over
-seeds. Runs go seed-major (every preset gets seed 0 before any gets seed 1), each writes
-``<root>/<preset>/seed<k>/result.json`` when done, and a rerun skips finished runs and
-resumes an interrupted one from its checkpoint. The markdown is rewritten after every run
-(marked PARTIAL until all runs are in); text below the ``<!-- findings -->`` line of an
-existing document is kept.
+The runs are arms of the method-comparison study (benchmarks/methods.py: one arm per
+distinct preset of mashvlm_jax/config_lib.py ABLATIONS; identical presets run once:
+t5_causal_causal is the baseline, t6_disable_spatial_to_temporal is t5_causal_bi,
+t7_distinct is t6_disable_both, t7_harmonic is mash), trained, evaluated and resumed by
+that harness under the same ``--root``; this script lays them out as the paper's tables,
+mean +- standard deviation over seeds. Runs go seed-major. The markdown is rewritten
+after every run (marked PARTIAL until all runs are in); text below the ``<!-- findings
+-->`` line of an existing document is kept.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pathlib
@@ -34,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from mashvlm_jax import config_lib  # noqa: E402
+import methods  # noqa: E402  (benchmarks/methods.py: the harness that trains and scores)
 
 log = logging.getLogger("mashvlm.ablation")
 
@@ -67,113 +63,18 @@ TABLES = {
 FINDINGS = "<!-- findings -->"
 
 
-def distinct_presets() -> tuple[list[str], dict]:
-  """Presets the tables need, deduplicated: (run order, alias -> the preset that runs)."""
-  wanted = [p for _, rows in TABLES.values() for _, p, *_ in rows]
-  order, alias = [], {}
-  for name in dict.fromkeys(wanted):
-    same = [o for o in order if config_lib.ABLATIONS[o] == config_lib.ABLATIONS[name]]
-    if same:
-      alias[name] = same[0]
-    else:
-      order.append(name)
-  for name, preset in config_lib.ABLATIONS.items():
-    for o in order:
-      if name not in order and preset == config_lib.ABLATIONS[o]:
-        alias.setdefault(name, o)
-  return order, alias
-
-
-def run_config(preset: str, seed: int, args):
-  """configs/tiny_synthetic.py for one run: only keys given on the command line change."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny_synthetic",
-                                                ROOT / "configs" / "tiny_synthetic.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f"ablation={preset}")
-  config.seed = seed
-  config.total_steps = args.steps
-  config.optim.warmup_steps = min(int(config.optim.warmup_steps), max(1, args.steps // 10))
-  config.checkpoint_every = args.steps
-  config.log_every = max(1, min(50, args.steps // 4))
-  config.data.builder_config = args.builder_config
-  config.data.data_dir = args.data_dir
-  return config
-
-
-def run_one(preset: str, seed: int, args) -> dict:
-  """Trains (or resumes) and evaluates one run; writes and returns its result."""
-  from mashvlm_jax.eval import synthetic
-  from mashvlm_jax.train import trainer
-  workdir = pathlib.Path(args.root) / preset / f"seed{seed}"
-  done = workdir / "result.json"
-  if done.exists():
-    return json.loads(done.read_text())
-  config = run_config(preset, seed, args)
-  t0 = time.perf_counter()
-  summary = trainer.train(config, str(workdir))
-  if summary["preempted"]:  # SIGTERM: the checkpoint is saved; a rerun resumes this run
-    raise SystemExit(f"{preset} seed {seed}: stopped at step {summary['step']} by SIGTERM;"
-                     f" rerun the same command to resume")
-  t1 = time.perf_counter()
-  params = summary["state"].params
-  ev = synthetic.evaluate(config, params, str(workdir / "eval"), max_items=args.eval_items,
-                          probe_splits=("test_typical", "test_unusual"),
-                          probe_tasks=("action",), show_progress=False)
-  t2 = time.perf_counter()
-  binary, labels = ev["binary"], ev["labels"]
-  result = {"preset": preset, "seed": seed, "steps": summary["step"],
-            "train_metrics": summary["metrics"], "train_s": t1 - t0, "eval_s": t2 - t1,
-            "binary": {k: binary[k] for k in ("columns", "average", "controls", "counts",
-                                              "question_accuracy")},
-            "labels": {k: labels[k] for k in ("accuracy", "counts",
-                                              "hallucinated_action_rate")}}
-  done.write_text(json.dumps(result, indent=2) + "\n")
-  return result
-
-
 # ------------------------------------------------------------------------------ tables
 
-METRICS = (  # column name, getter
-    ("UNSCENE binary Avg.", lambda r: r["binary"]["average"]),
-    ("Scene-only Action", lambda r: r["binary"]["columns"]["Scene-only Action"]),
-    ("Unusual Action", lambda r: r["binary"]["columns"]["Unusual Action"]),
-    ("Unusual Scene", lambda r: r["binary"]["columns"]["Unusual Scene"]),
-    ("Typical Action / Scene (control)",
-     lambda r: (r["binary"]["controls"]["Typical Action"],
-                r["binary"]["controls"]["Typical Scene"])),
-    ("yes/no question acc.", lambda r: r["binary"]["question_accuracy"]),
-    ("Action probe acc., typical / unusual",
-     lambda r: (r["labels"]["accuracy"].get("test_typical/action"),
-                r["labels"]["accuracy"].get("test_unusual/action"))),
-    ("Hallucinated action, unusual", lambda r: r["labels"]["hallucinated_action_rate"]),
-    ("Final train loss", lambda r: r["train_metrics"].get("loss")),
-)
-
-
-def _stat(values) -> str:
-  values = [v for v in values if v is not None]
-  if not values:
-    return "-"
-  if isinstance(values[0], tuple):
-    return " / ".join(_stat([v[k] for v in values]) for k in range(len(values[0])))
-  mean = float(np.mean(values))
-  if len(values) < 2:
-    return f"{mean:.2f} (n=1)"
-  return f"{mean:.2f} ± {float(np.std(values, ddof=1)):.2f}"
-
-
-def render_tables(results: dict, alias: dict) -> str:
-  """Markdown tables, one per paper table; ``results``: preset -> list of run results."""
+def render_tables(results: dict) -> str:
+  """Markdown tables, one per paper table; ``results``: arm name -> list of run results."""
   out = []
   for title, (first, rows) in TABLES.items():
-    header = first[0].split(" | ") + [m for m, _ in METRICS] + ["seeds",
-                                                               "paper UNSCENE / MVBench"]
+    header = first[0].split(" | ") + [m for m, _ in methods.METRICS] + [
+        "seeds", "paper UNSCENE / MVBench"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, preset, paper_unscene, paper_mv in rows:
-      runs = results.get(alias.get(preset, preset), [])
-      cells = [_stat([get(r) for r in runs]) for _, get in METRICS]
+      runs = results.get(methods.ablation_arm(preset).name, [])
+      cells = [methods._mean_sd(methods._values(runs, get)) for _, get in methods.METRICS]
       paper = "-" if paper_unscene is None else f"{paper_unscene:.2f} / {paper_mv:.2f}"
       lines.append("| " + " | ".join([f"{label} (`{preset}`)"] + cells
                                      + [str(len(runs)), paper]) + " |")
@@ -195,7 +96,7 @@ def describe_model(config) -> str:
           f"LLaMA; {tower}")
 
 
-def write_doc(args, results: dict, alias: dict, order: list, seeds: list, elapsed: float):
+def write_doc(args, results: dict, order: list, seeds: list, elapsed: float):
   doc = pathlib.Path(args.doc)
   done = sum(len(v) for v in results.values())
   total = len(order) * len(seeds)
@@ -207,7 +108,8 @@ def write_doc(args, results: dict, alias: dict, order: list, seeds: list, elapse
   steps = ", ".join(map(str, steps)) or str(args.steps)
   train_s = np.mean([r["train_s"] for runs in results.values() for r in runs] or [0])
   eval_s = np.mean([r["eval_s"] for runs in results.values() for r in runs] or [0])
-  warmup = min(100, max(1, args.steps // 10))
+  baseline_config = methods.run_config(methods.ARMS["baseline"], 0, args)
+  warmup = baseline_config.optim.warmup_steps
   text = f"""# Synthetic ablation study (paper Tables 5, 6, 7)
 
 Status: {status}.
@@ -219,7 +121,7 @@ the runs recorded here; a rerun skips finished runs):
 JAX_PLATFORMS=cpu {' '.join(args.argv)}
 ```
 
-Setup: `configs/tiny_synthetic.py` ({describe_model(run_config("baseline", 0, args))})
+Setup: `configs/tiny_synthetic.py` ({describe_model(baseline_config)})
 trained from scratch on the synthetic set's
 `{args.builder_config}` train split (3,200 clips, one random QA turn per visit, batch 16)
 for **{steps} steps per run** (warmup {warmup} steps, otherwise the config's optimiser),
@@ -235,7 +137,7 @@ Mean run time: {train_s:.0f} s training, {eval_s:.0f} s evaluation. The paper's 
 (7B model, real videos, UNSCENE binary / MVBench) are shown for the direction of each
 effect, not for comparison of values.
 
-{render_tables(results, alias)}
+{render_tables(results)}
 """
   old = doc.read_text() if doc.exists() else ""
   findings = old[old.index(FINDINGS):] if FINDINGS in old else f"{FINDINGS}\n"
@@ -243,19 +145,9 @@ effect, not for comparison of values.
   doc.write_text(text + "\n" + findings)
 
 
-def collect(root: pathlib.Path, order: list, seeds: list) -> dict:
-  out = {}
-  for preset in order:
-    for seed in seeds:
-      path = root / preset / f"seed{seed}" / "result.json"
-      if path.exists():
-        out.setdefault(preset, []).append(json.loads(path.read_text()))
-  return out
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--root", default="/tmp/mashvlm_ablation")
+  parser.add_argument("--root", default="/tmp/mashvlm_methods")
   parser.add_argument("--steps", type=int, default=1500)
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--eval_items", type=int, default=48,
@@ -270,35 +162,30 @@ def main(argv=None):
   args.argv = ["python", "benchmarks/ablation.py"] + [
       a for a in (argv if argv is not None else sys.argv[1:])
       if not a.startswith(("--doc", "--render_only"))]
+  args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   import jax
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
       "~/.cache/mashvlm_jax/xla"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  order, alias = distinct_presets()
+  wanted = [p for _, rows in TABLES.values() for _, p, *_ in rows]
+  order = list(dict.fromkeys(methods.ablation_arm(p).name for p in wanted))
   if args.presets:
-    order = [p for p in order if p in args.presets.split(",")]
+    order = [methods.ablation_arm(p).name for p in args.presets.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]
-  root = pathlib.Path(args.root)
-  log.info("runs: %s x seeds %s (aliases %s)", order, seeds, alias)
+  log.info("runs: %s x seeds %s", order, seeds)
   t0 = time.perf_counter()
   prior = sum(r.get("train_s", 0) + r.get("eval_s", 0)
-              for runs in collect(root, order, seeds).values() for r in runs)
-  if args.render_only:
-    write_doc(args, collect(root, order, seeds), alias, order, seeds, prior)
-    print(pathlib.Path(args.doc).read_text())
-    return
-  for seed in seeds:
-    for preset in order:
-      t = time.perf_counter()
-      result = run_one(preset, seed, args)
-      log.info("%s seed %d: binary avg %s, action probe (unusual) %s, %.0fs", preset, seed,
-               result["binary"]["average"],
-               result["labels"]["accuracy"].get("test_unusual/action"),
-               time.perf_counter() - t)
-      results = collect(root, order, seeds)
-      write_doc(args, results, alias, order, seeds, prior + time.perf_counter() - t0)
+              for runs in methods.collect(args.root, order, seeds).values() for r in runs)
+  if not args.render_only:
+    for seed in seeds:
+      for name in order:
+        methods.run_one(methods.ARMS[name], seed, args)
+        write_doc(args, methods.collect(args.root, order, seeds), order, seeds,
+                  prior + time.perf_counter() - t0)
+  write_doc(args, methods.collect(args.root, order, seeds), order, seeds,
+            prior + time.perf_counter() - t0)
   print(pathlib.Path(args.doc).read_text())
 
 

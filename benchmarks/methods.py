@@ -1,0 +1,411 @@
+"""The method-comparison study on the synthetic testbed: one harness for every arm.
+
+    python benchmarks/methods.py --arms=baseline,mash --seeds=0,1,2 \
+        --root=/tmp/mashvlm_methods --doc=docs/methods.md [--steps=N] [--eval_items=48]
+
+An arm is data (``ARMS``): a name, config overrides of configs/tiny_synthetic.py (dotted
+keys; ``ablation`` picks a preset of mashvlm_jax/config_lib.py), optionally the arm it
+fine-tunes from (that arm's run of the same seed: its final parameters, a fresh optimizer,
+the step counter at 0), evaluation-time options, and the reference arm it is compared
+with. A method adds entries here, not code paths.
+
+Every run writes ``<root>/<arm>/seed<k>/result.json`` when it is finished and scored; a
+rerun skips finished runs, resumes an interrupted one from its checkpoint, and never
+scores a run that stopped early (SIGTERM saves and exits; the next call resumes it). The
+markdown is rewritten after every run, marked PARTIAL until every requested run is in;
+text below the ``<!-- findings -->`` line of an existing document is kept.
+``benchmarks/ablation.py`` renders the paper's Tables 5-7 from the same runs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from mashvlm_jax import config_lib  # noqa: E402
+
+log = logging.getLogger("mashvlm.methods")
+FINDINGS = "<!-- findings -->"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One arm of the study (see the module docstring)."""
+  name: str
+  overrides: dict = dataclasses.field(default_factory=dict)
+  parent: str | None = None  # the arm whose run of the same seed this one fine-tunes
+  reference: str | None = None  # the arm the table compares this one with
+  eval_options: dict = dataclasses.field(default_factory=dict)
+  group: str = "MASH-VLM ablations (paper Tables 5-7)"
+  about: str = ""
+
+
+PREFERRED_NAMES = ("baseline", "mash")  # of presets with several names in ABLATIONS
+
+
+def _ablation_arms() -> list[Arm]:
+  """One arm per distinct preset of config_lib.ABLATIONS (identical presets run once,
+  under the name in PREFERRED_NAMES when they have one, else the first)."""
+  names = {}  # preset (as text) -> arm name
+  for name, preset in config_lib.ABLATIONS.items():
+    key = json.dumps(preset, sort_keys=True)
+    if key not in names or name in PREFERRED_NAMES:
+      names[key] = name
+  return [Arm(name, {"ablation": name}, reference=None if name == "baseline" else "baseline",
+              about=f"preset `{name}` from scratch") for name in names.values()]
+
+
+def ablation_arm(preset: str) -> Arm:
+  """The arm that trains ``preset`` (any of its names in config_lib.ABLATIONS)."""
+  want = config_lib.ABLATIONS[preset]
+  return next(a for a in ARMS.values() if a.parent is None and "data.typical_prob" not in
+              a.overrides and config_lib.ABLATIONS[a.overrides["ablation"]] == want)
+
+
+# The regime study (issue: does the model read motion when the scene does not give the
+# answer away?): typical_prob is the share of training clips in the action's typical
+# scene; 0.125 = 1/8 makes the scene independent of the action (the control).
+REGIME_PROBS = (0.125, 0.5, 0.7, 0.9)
+
+
+def _regime_arms() -> list[Arm]:
+  arms = []
+  for preset in ("baseline", "mash"):
+    for prob in REGIME_PROBS:
+      arms.append(Arm(f"{preset}@p{prob}", {"ablation": preset, "data.typical_prob": prob},
+                      reference=None if preset == "baseline" else f"baseline@p{prob}",
+                      group="Regime: share of training clips in the typical scene",
+                      about=f"`{preset}`, typical_prob {prob}"))
+  return arms
+
+
+FINE_TUNING = [
+    # The control of every fine-tuning method: the same number of steps of the ordinary
+    # training mix from the stage-1 run. A method's arms add tasks or losses to this.
+    Arm("mash+mix", {"ablation": "mash", "total_steps": 500}, parent="mash",
+        reference="mash", group="Fine-tuning from the stage-1 `mash` run",
+        about="500 more steps of the ordinary mix from `mash` (the fine-tuning control)"),
+]
+
+ARMS: dict[str, Arm] = {a.name: a for a in _ablation_arms() + _regime_arms() + FINE_TUNING}
+
+
+# ------------------------------------------------------------------------------ one run
+
+def run_config(arm: Arm, seed: int, args):
+  """configs/tiny_synthetic.py with the arm's overrides and the study's settings."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny_synthetic",
+                                                ROOT / "configs" / "tiny_synthetic.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  overrides = dict(arm.overrides)
+  config = module.get_config(f"ablation={overrides.pop('ablation', 'mash')}")
+  config.seed = seed
+  config.data.builder_config = args.builder_config
+  config.data.data_dir = args.data_dir
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f"arm {arm.name}: override {key!r} names no config field")
+    node[leaf] = value
+  if args.steps:
+    config.total_steps = args.steps
+  steps = int(config.total_steps)
+  config.optim.warmup_steps = min(int(config.optim.warmup_steps), max(1, steps // 10))
+  config.checkpoint_every = min(int(config.checkpoint_every), steps)
+  config.log_every = max(1, min(int(config.log_every), steps // 4))
+  config.keep_checkpoints = 1
+  return config
+
+
+def run_dir(root, arm_name: str, seed: int) -> pathlib.Path:
+  return pathlib.Path(root) / arm_name / f"seed{seed}"
+
+
+def run_one(arm: Arm, seed: int, args) -> dict:
+  """Trains (or resumes) and evaluates one run, after its parent's; writes its result."""
+  from mashvlm_jax.eval import synthetic
+  from mashvlm_jax.train import trainer
+  workdir = run_dir(args.root, arm.name, seed)
+  done = workdir / "result.json"
+  if done.exists():
+    return json.loads(done.read_text())
+  if arm.eval_options:
+    raise NotImplementedError(f"arm {arm.name}: evaluation options {arm.eval_options} "
+                              f"are not supported by this harness yet")
+  config = run_config(arm, seed, args)
+  if arm.parent:
+    run_one(ARMS[arm.parent], seed, args)
+    config.init_from = str(run_dir(args.root, arm.parent, seed))
+  t0 = time.perf_counter()
+  summary = trainer.train(config, str(workdir))
+  if summary["preempted"]:  # SIGTERM: the checkpoint is saved; a rerun resumes this run
+    raise SystemExit(f"{arm.name} seed {seed}: stopped at step {summary['step']} by SIGTERM;"
+                     f" rerun the same command to resume")
+  t1 = time.perf_counter()
+  ev = synthetic.evaluate(config, summary["state"].params, str(workdir / "eval"),
+                          max_items=args.eval_items,
+                          probe_splits=("test_typical", "test_unusual"),
+                          probe_tasks=("action",), show_progress=False)
+  binary, labels = ev["binary"], ev["labels"]
+  result = {"arm": arm.name, "seed": seed, "steps": summary["step"],
+            "parent": arm.parent, "overrides": arm.overrides,
+            "train_metrics": summary["metrics"], "train_s": t1 - t0,
+            "eval_s": time.perf_counter() - t1, "eval_items": args.eval_items,
+            "binary": {k: binary[k] for k in ("columns", "average", "controls", "counts",
+                                              "question_accuracy")},
+            "labels": {k: labels[k] for k in ("accuracy", "counts",
+                                              "hallucinated_action_rate")}}
+  tmp = done.with_suffix(".tmp")
+  tmp.write_text(json.dumps(result, indent=2) + "\n")
+  tmp.rename(done)  # a result file exists only for a finished, scored run
+  return result
+
+
+def collect(root, arm_names, seeds) -> dict:
+  """arm name -> finished run results (only the requested seeds)."""
+  out = {}
+  for name in arm_names:
+    for seed in seeds:
+      path = run_dir(root, name, seed) / "result.json"
+      if path.exists():
+        out.setdefault(name, []).append(json.loads(path.read_text()))
+  return out
+
+
+# ------------------------------------------------------------------------------ statistics
+
+def _betainc(a: float, b: float, x: float) -> float:
+  """Regularised incomplete beta I_x(a, b) by its continued fraction (modified Lentz)."""
+  if x <= 0.0:
+    return 0.0
+  if x >= 1.0:
+    return 1.0
+  if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below this point
+    return 1.0 - _betainc(b, a, 1.0 - x)
+  tiny = 1e-300
+  front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                   + a * math.log(x) + b * math.log1p(-x)) / a
+  c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+  d = 1.0 / (d if abs(d) > tiny else tiny)
+  f = d
+  for m in range(1, 500):
+    for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                      -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+      d = 1.0 + numerator * d
+      d = 1.0 / (d if abs(d) > tiny else tiny)
+      c = 1.0 + numerator / c
+      c = c if abs(c) > tiny else tiny
+      f *= c * d
+    if abs(c * d - 1.0) < 1e-14:
+      break
+  return front * f
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+  """P(|T| >= |t|) for Student's t with ``df`` degrees of freedom."""
+  return _betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def welch(a, b) -> dict | None:
+  """Welch's unequal-variance t-test of mean(a) - mean(b): {diff, t, df, p}; None when a
+  side has fewer than 2 values. Zero variance on both sides gives t = ±inf, p = 0 (or
+  t = 0, p = 1 for equal means)."""
+  a, b = np.asarray(a, float), np.asarray(b, float)
+  if len(a) < 2 or len(b) < 2:
+    return None
+  diff = float(a.mean() - b.mean())
+  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+  if va + vb == 0:
+    return {"diff": diff, "t": math.copysign(math.inf, diff) if diff else 0.0,
+            "df": float(len(a) + len(b) - 2), "p": 0.0 if diff else 1.0}
+  t = diff / math.sqrt(va + vb)
+  df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  return {"diff": diff, "t": t, "df": df, "p": t_two_sided_p(t, df)}
+
+
+# ------------------------------------------------------------------------------ the table
+
+METRICS = (  # column, getter (None where a run has no such number)
+    ("UNSCENE binary Avg.", lambda r: r["binary"]["average"]),
+    ("Scene-only Action", lambda r: r["binary"]["columns"]["Scene-only Action"]),
+    ("Unusual Action", lambda r: r["binary"]["columns"]["Unusual Action"]),
+    ("Unusual Scene", lambda r: r["binary"]["columns"]["Unusual Scene"]),
+    ("Typical Action (control)", lambda r: r["binary"]["controls"]["Typical Action"]),
+    ("Typical Scene (control)", lambda r: r["binary"]["controls"]["Typical Scene"]),
+    ("Action probe, typical", lambda r: r["labels"]["accuracy"].get("test_typical/action")),
+    ("Action probe, unusual", lambda r: r["labels"]["accuracy"].get("test_unusual/action")),
+    ("Hallucinated action, unusual", lambda r: r["labels"]["hallucinated_action_rate"]),
+    ("Final train loss", lambda r: r["train_metrics"].get("loss")),
+)
+# Compared with the reference arm: difference, Welch's t and p.
+COMPARED = ("UNSCENE binary Avg.", "Unusual Action", "Action probe, unusual",
+            "Hallucinated action, unusual")
+
+
+def _values(runs, getter) -> list[float]:
+  return [v for v in (getter(r) for r in runs) if v is not None]
+
+
+def _mean_sd(values) -> str:
+  if not values:
+    return "-"
+  mean = float(np.mean(values))
+  if len(values) < 2:
+    return f"{mean:.2f} (n=1)"
+  return f"{mean:.2f} ± {float(np.std(values, ddof=1)):.2f}"
+
+
+def _comparison(runs, ref_runs, getter) -> str:
+  test = welch(_values(runs, getter), _values(ref_runs, getter))
+  if test is None:
+    return "-"
+  return f"{test['diff']:+.2f} (t={test['t']:.2f}, p={test['p']:.3f})"
+
+
+def render_tables(arms: list[Arm], results: dict) -> str:
+  """Markdown: per group, one row per arm (mean ± sd over seeds), then the comparisons."""
+  getters = dict(METRICS)
+  columns = [m for m, get in METRICS
+             if any(get(r) is not None for a in arms for r in results.get(a.name, []))]
+  out = []
+  for group in dict.fromkeys(a.group for a in arms):
+    rows = [a for a in arms if a.group == group]
+    header = ["Arm", "seeds"] + columns
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in rows:
+      runs = results.get(arm.name, [])
+      lines.append("| " + " | ".join([f"`{arm.name}`", str(len(runs))]
+                                     + [_mean_sd(_values(runs, getters[c])) for c in columns])
+                   + " |")
+    compared = [a for a in rows if a.reference]
+    if compared:
+      header = ["Arm", "vs reference"] + [f"{c}: diff (t, p)" for c in COMPARED]
+      lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+      for arm in compared:
+        runs, ref = results.get(arm.name, []), results.get(arm.reference, [])
+        lines.append("| " + " | ".join(
+            [f"`{arm.name}`", f"`{arm.reference}`"]
+            + [_comparison(runs, ref, getters[c]) for c in COMPARED]) + " |")
+    out.append(f"### {group}\n\n" + "\n".join(lines))
+  return "\n\n".join(out)
+
+
+def write_doc(args, arms: list[Arm], seeds: list, results: dict) -> None:
+  doc = pathlib.Path(args.doc)
+  missing = [f"{a.name}/seed{s}" for s in seeds for a in arms
+             if not any(r["seed"] == s for r in results.get(a.name, []))]
+  total = len(arms) * len(seeds)
+  status = ("complete" if not missing else
+            f"**PARTIAL: {total - len(missing)} of {total} runs finished; missing: "
+            f"{', '.join(missing)}**")
+  finished = [r for runs in results.values() for r in runs]
+  train_s = np.mean([r["train_s"] for r in finished]) if finished else 0.0
+  eval_s = np.mean([r["eval_s"] for r in finished]) if finished else 0.0
+  described = "\n".join(
+      f"- `{a.name}`: {a.about or 'see benchmarks/methods.py'}"
+      + (f"; fine-tuned from `{a.parent}` of the same seed" if a.parent else "")
+      + (f"; compared with `{a.reference}`" if a.reference else "") for a in arms)
+  text = f"""# Method-comparison study on the synthetic testbed
+
+Status: {status}.
+
+Reproduce (2 CPU cores; mean {train_s:.0f} s training and {eval_s:.0f} s evaluation per
+run here; a rerun skips finished runs and resumes an interrupted one):
+
+```
+JAX_PLATFORMS=cpu {' '.join(args.argv)}
+```
+
+Every run trains `configs/tiny_synthetic.py` with its arm's overrides (seeds
+{', '.join(map(str, seeds))}: initialisation and data order) and is scored on the first
+{args.eval_items or 'all'} clips of each synthetic test split: UNSCENE binary duals by
+likelihood (a dual scores only when both its questions are right), the typical-split
+controls, and the action probe ("What is the person doing?", ranked over the 8 action
+answers by likelihood; the hallucinated-action rate is the share of unusual clips where
+the model names the scene's typical action instead of the one performed). Percent; mean ±
+sample standard deviation over seeds; the comparison gives the difference to the
+reference arm with Welch's t and two-sided p.
+
+Arms:
+{described}
+
+{render_tables(arms, results)}
+"""
+  old = doc.read_text() if doc.exists() else ""
+  findings = old[old.index(FINDINGS):] if FINDINGS in old else f"{FINDINGS}\n"
+  doc.parent.mkdir(parents=True, exist_ok=True)
+  doc.write_text(text + "\n" + findings)
+
+
+# ------------------------------------------------------------------------------ main
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--arms", default="baseline,mash",
+                      help=f"comma-separated arm names; known: {', '.join(ARMS)}")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--root", default="/tmp/mashvlm_methods",
+                      help="runs and results (outside the repository)")
+  parser.add_argument("--steps", type=int, default=0,
+                      help="training steps of every run (0: each arm's config)")
+  parser.add_argument("--eval_items", type=int, default=48,
+                      help="clips per test split (0 = all)")
+  parser.add_argument("--builder_config", default="default")
+  parser.add_argument("--data_dir", default=os.environ.get("MASHVLM_DATA_DIR", "./data_cache"))
+  parser.add_argument("--doc", default=str(ROOT / "docs" / "methods.md"))
+  parser.add_argument("--render_only", action="store_true",
+                      help="rewrite the document from finished runs; train nothing")
+  args = parser.parse_args(argv)
+  args.argv = ["python", "benchmarks/methods.py"] + [
+      a for a in (argv if argv is not None else sys.argv[1:])
+      if not a.startswith(("--doc", "--render_only"))]
+  args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  unknown = [a for a in args.arms.split(",") if a not in ARMS]
+  if unknown:
+    raise SystemExit(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+  arms = [ARMS[a] for a in args.arms.split(",")]
+  seeds = [int(s) for s in args.seeds.split(",")]
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
+      "~/.cache/mashvlm_jax/xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if not args.render_only:
+    for seed in seeds:  # seed-major: every arm gets seed 0 before any gets seed 1
+      for arm in arms:
+        t = time.perf_counter()
+        result = run_one(arm, seed, args)
+        log.info("%s seed %d: UNSCENE avg %s, action probe (unusual) %s, hallucinated %s, "
+                 "%.0fs", arm.name, seed, result["binary"]["average"],
+                 result["labels"]["accuracy"].get("test_unusual/action"),
+                 result["labels"]["hallucinated_action_rate"], time.perf_counter() - t)
+        write_doc(args, arms, seeds, collect(args.root, [a.name for a in arms], seeds))
+  write_doc(args, arms, seeds, collect(args.root, [a.name for a in arms], seeds))
+  print(pathlib.Path(args.doc).read_text())
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,91 @@
+"""benchmarks/methods.py: Welch's test against independent computations, and a 2-arm,
+1-seed study with a fine-tuning arm that trains, scores, resumes and renders."""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import methods  # noqa: E402
+
+
+def t_tail_by_integration(t: float, df: float) -> float:
+  """P(|T| >= |t|) by integrating Student's t density numerically (substituting
+  x = tan(u) to cover the infinite tail)."""
+  u = np.linspace(math.atan(abs(t)), math.pi / 2, 200001)[:-1]
+  x = np.tan(u)
+  log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+  density = np.exp(log_norm - (df + 1) / 2 * np.log1p(x * x / df)) / np.cos(u) ** 2
+  return 2 * float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(u)))
+
+
+def test_student_t_p_values():
+  assert abs(methods.t_two_sided_p(2.228138851986, 10) - 0.05) < 1e-9  # table value
+  assert abs(methods.t_two_sided_p(1.0, 1) - 0.5) < 1e-12  # Cauchy: 2 * (1/2 - atan(1)/pi)
+  for t, df in ((0.3, 2.0), (2.2514, 5.52), (4.0, 3.7), (-1.7, 30.0), (12.0, 2.0)):
+    assert abs(methods.t_two_sided_p(t, df) - t_tail_by_integration(t, df)) < 1e-6, (t, df)
+
+
+def test_welch_by_hand():
+  a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.0, 10.0]
+  # means 2.5 and 6; variances 5/3 and 10; squared standard errors 5/12 and 2
+  se2 = 5 / 12 + 2
+  df = se2 ** 2 / ((5 / 12) ** 2 / 3 + 2 ** 2 / 4)
+  test = methods.welch(a, b)
+  assert test["diff"] == -3.5
+  assert abs(test["t"] - (-3.5 / math.sqrt(se2))) < 1e-12
+  assert abs(test["df"] - df) < 1e-12
+  assert abs(test["p"] - t_tail_by_integration(3.5 / math.sqrt(se2), df)) < 1e-6
+  assert methods.welch([1.0], b) is None  # one seed: no test
+  assert methods.welch([1.0, 1.0], [2.0, 2.0])["p"] == 0.0
+
+
+def study(tmp_path, *extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("PYTEST_CURRENT_TEST", None)
+  return subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--arms=mash,mash+mix",
+       "--seeds=0", "--steps=3", "--eval_items=2", "--builder_config=tiny",
+       f"--root={tmp_path / 'runs'}", f"--data_dir={tmp_path / 'data'}",
+       f"--doc={tmp_path / 'methods.md'}", *extra],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_two_arms_with_a_fine_tuning_arm(tmp_path):
+  out = study(tmp_path)
+  assert out.returncode == 0, out.stderr[-4000:]
+  runs = tmp_path / "runs"
+  results = {name: json.loads((runs / name / "seed0" / "result.json").read_text())
+             for name in ("mash", "mash+mix")}
+  assert results["mash+mix"]["parent"] == "mash"
+  assert all(r["steps"] == 3 for r in results.values())
+  # the fine-tuning run started from the stage-1 run's parameters, with its own step count
+  tuned = json.loads((runs / "mash+mix" / "seed0" / "config.json").read_text())
+  assert tuned["init_from"] == str(runs / "mash" / "seed0")
+  assert tuned["total_steps"] == 3
+  doc = (tmp_path / "methods.md").read_text()
+  assert "Status: complete" in doc
+  assert "| `mash` | 1 |" in doc and "| `mash+mix` | 1 |" in doc
+  assert "| `mash+mix` | `mash` |" in doc  # the comparison row names its reference
+  avg = methods._mean_sd([results["mash"]["binary"]["average"]])
+  assert avg in doc
+
+  # a rerun skips finished runs: nothing is trained or rewritten
+  stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("result.json")}
+  out = study(tmp_path)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert {p: p.stat().st_mtime_ns for p in runs.rglob("result.json")} == stamps
+  assert "train:" not in out.stderr
+
+  # a missing seed shows as PARTIAL, naming the missing runs
+  out = study(tmp_path, "--seeds=0,1", "--render_only")
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "PARTIAL: 2 of 4 runs finished; missing: mash/seed1, mash+mix/seed1" in (
+      tmp_path / "methods.md").read_text()
+  assert not pathlib.Path(runs / "mash" / "seed1").exists()
