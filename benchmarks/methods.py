@@ -91,6 +91,25 @@ def _regime_arms() -> list[Arm]:
   return arms
 
 
+# What it takes for the control (typical_prob 0.125, no scene shortcut) to read motion:
+# the testbed's scale and training change, the paper's token layout does not.
+CONTROL = {"ablation": "mash", "data.typical_prob": 0.125}
+CONTROL_VARIANTS = {
+    "steps4500": ({"total_steps": 4500}, "3x the steps"),
+    "lr5e-4": ({"optim.lr": 5e-4}, "learning rate 5e-4 instead of 2e-3"),
+    "vision": ({"model.freeze_vision": False}, "the tiny vision tower trained"),
+    "llm256": ({"model.llm.hidden_size": 256, "model.llm.intermediate_size": 688,
+                "model.llm.num_layers": 6}, "a 6-layer 256-wide LLM"),
+}
+
+
+def _control_arms() -> list[Arm]:
+  return [Arm(f"mash@p0.125+{name}", dict(CONTROL, **overrides), reference="mash@p0.125",
+              group="Making motion learnable in the control (typical_prob 0.125)",
+              about=f"`mash@p0.125` with {what}")
+          for name, (overrides, what) in CONTROL_VARIANTS.items()]
+
+
 FINE_TUNING = [
     # The control of every fine-tuning method: the same number of steps of the ordinary
     # training mix from the stage-1 run. A method's arms add tasks or losses to this.
@@ -99,7 +118,8 @@ FINE_TUNING = [
         about="500 more steps of the ordinary mix from `mash` (the fine-tuning control)"),
 ]
 
-ARMS: dict[str, Arm] = {a.name: a for a in _ablation_arms() + _regime_arms() + FINE_TUNING}
+ARMS: dict[str, Arm] = {a.name: a for a in (_ablation_arms() + _regime_arms() + _control_arms()
+                                            + FINE_TUNING)}
 
 
 # ------------------------------------------------------------------------------ one run
