@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from mashvlm_jax.data import annotations, synthetic, tokenizer, video
 from mashvlm_jax.data.chat import ChatTemplate
-from mashvlm_jax.data.tasks import open_ended, train_mix, unscene_binary
+from mashvlm_jax.data.tasks import open_ended, train_mix, unscene_binary, vocabulary
 
 log = logging.getLogger("mashvlm.data")
 
@@ -111,9 +111,20 @@ def example(*, id, frames, qa, source="", task="", kind="", action="", scene="",
 # ------------------------------------------------------------------------------ synthetic
 
 def vocabulary_texts() -> list[str]:
-  """Every string the synthetic generator writes, plus the default chat markers."""
+  """Every string the synthetic generator writes (the union the task modules register,
+  tasks/vocabulary.py) plus the default chat markers; sorted, without duplicates."""
   template = ChatTemplate()
-  return train_mix.texts() + [template.user, template.assistant]
+  return sorted(set(vocabulary.texts()) | {template.user, template.assistant})
+
+
+def vocabulary_tokens() -> list[str]:
+  """The synthetic word tokenizer's tokens in id order."""
+  return tokenizer.word_vocabulary(vocabulary_texts())
+
+
+def vocabulary_fingerprint() -> str:
+  """Fingerprint of the synthetic word vocabulary (tokenizer.vocabulary_fingerprint)."""
+  return tokenizer.vocabulary_fingerprint(vocabulary_tokens())
 
 
 def synthetic_questions(spec: synthetic.ClipSpec) -> list[dict]:
@@ -144,6 +155,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
   train_size: int = 0  # 0 = the preset's
   test_size: int = 0  # clips per test split; 0 = the preset's
+  vocabulary: str = ""  # fingerprint of the word vocabulary the data is built with
 
   @property
   def split_sizes(self) -> dict:
@@ -157,7 +169,9 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 def synthetic_config(preset: str = "default", num_frames: int = 8, size: int = 64,
                      typical_prob: float = 0.9, scene_only_share: float = 0.05,
                      seed: int = 0, train_size: int = 0, test_size: int = 0) -> SyntheticConfig:
-  """A config whose name spells every parameter, so different data never share a dir."""
+  """A config whose name spells every parameter and ends in the word vocabulary's
+  fingerprint (``_v<12 hex>``), so data built with other parameters or another vocabulary
+  never share a directory."""
   if preset not in SYNTHETIC_PRESETS:
     raise ValueError(f"unknown synthetic preset {preset!r}; known: {sorted(SYNTHETIC_PRESETS)}")
   if num_frames < 2 or size < 8 or train_size < 0 or test_size < 0:
@@ -167,15 +181,19 @@ def synthetic_config(preset: str = "default", num_frames: int = 8, size: int = 6
           f"_o{round(scene_only_share * 1000)}_seed{seed}")
   if train_size or test_size:
     name += f"_n{train_size}_{test_size}"
-  return SyntheticConfig(name=name, preset=preset, num_frames=num_frames, size=size,
-                         typical_prob=typical_prob, scene_only_share=scene_only_share,
-                         seed=seed, train_size=train_size, test_size=test_size,
-                         description=f"synthetic UNSCENE, {preset} sizes")
+  fingerprint = vocabulary_fingerprint()
+  return SyntheticConfig(name=f"{name}_v{fingerprint}", preset=preset, num_frames=num_frames,
+                         size=size, typical_prob=typical_prob,
+                         scene_only_share=scene_only_share, seed=seed,
+                         train_size=train_size, test_size=test_size, vocabulary=fingerprint,
+                         description=f"synthetic UNSCENE, {preset} sizes, word vocabulary "
+                                     f"{fingerprint}")
 
 
 class SyntheticUnscene(BuildReport, tfds.core.GeneratorBasedBuilder):
   """Procedural action/scene videos (synthetic.py) with UNSCENE-style questions."""
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Config names end in the word vocabulary's fingerprint."}
   BUILDER_CONFIGS = [synthetic_config(p) for p in SYNTHETIC_PRESETS]
   DEFAULT_CONFIG_NAME = synthetic_config("default").name
 
@@ -204,8 +222,19 @@ class SyntheticUnscene(BuildReport, tfds.core.GeneratorBasedBuilder):
     super()._download_and_prepare(dl_manager, download_config)
     # self.data_dir is still the incomplete directory here: the tokenizer lands atomically
     # with the data.
-    tokenizer.save_atomic(tokenizer.build_word_tokenizer(vocabulary_texts()),
-                          f"{self.data_dir}/{TOKENIZER_FILE}")
+    save_word_tokenizer(f"{self.data_dir}/{TOKENIZER_FILE}", self.builder_config.vocabulary)
+
+
+def save_word_tokenizer(path: str, fingerprint: str) -> None:
+  """Writes the synthetic word tokenizer to ``path``; RuntimeError when the registered
+  vocabulary no longer has ``fingerprint`` (the one the data set's name carries)."""
+  texts = vocabulary_texts()
+  found = tokenizer.vocabulary_fingerprint(tokenizer.word_vocabulary(texts))
+  if found != fingerprint:
+    raise RuntimeError(f"the task modules now register word vocabulary {found}, but the "
+                       f"data set at {path} is named for vocabulary {fingerprint}; a task "
+                       f"module registered texts after the builder config was made")
+  tokenizer.save_atomic(tokenizer.build_word_tokenizer(texts), path)
 
 
 # ------------------------------------------------------------------------------ users' data

@@ -149,23 +149,116 @@ def data_source(config, split: str):
 
 def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
   """data.tokenizer: kind "word" (stored with the synthetic data), "hf" or "sentencepiece"
-  (data.tokenizer.path). Checks that the ids fit model.llm.vocab_size."""
+  (data.tokenizer.path). Checks that the ids fit model.llm.vocab_size; a stored word
+  tokenizer must have the vocabulary the data set was built for (check_word_tokenizer)."""
   t = config.data.tokenizer
   if t.kind == "word":
-    if config.data.name != "synthetic_unscene":
-      raise ValueError("data.tokenizer.kind='word' only exists for the synthetic set; set "
-                       "data.tokenizer.kind='hf' or 'sentencepiece' and data.tokenizer.path")
-    path = pathlib.Path(str(built_builder(config).data_path)) / builders.TOKENIZER_FILE
+    _require_synthetic(config)
+    b = built_builder(config)
+    path = pathlib.Path(str(b.data_path)) / builders.TOKENIZER_FILE
     if not path.exists():  # deterministic: rebuild a lost file from the vocabulary
-      tokenizer_lib.save_atomic(
-          tokenizer_lib.build_word_tokenizer(builders.vocabulary_texts()), path)
+      builders.save_word_tokenizer(str(path), b.builder_config.vocabulary)
     tok = tokenizer_lib.Tokenizer(str(path), "hf", t.bos, t.eos)
+    check_word_tokenizer(tok, b.builder_config.vocabulary)
+    check_template_words(config, tok)
   else:
-    if not t.path:
-      raise ValueError(f"data.tokenizer.kind={t.kind!r} needs data.tokenizer.path")
-    tok = tokenizer_lib.Tokenizer(os.path.expanduser(str(t.path)), t.kind, t.bos, t.eos)
+    tok = _file_tokenizer(config)
   vocab = int(config.model.llm.vocab_size)
   if tok.vocab_size > vocab:
     raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but "
                      f"model.llm.vocab_size is {vocab}")
   return tok
+
+
+def _require_synthetic(config) -> None:
+  if config.data.name != "synthetic_unscene":
+    raise ValueError("data.tokenizer.kind='word' only exists for the synthetic set; set "
+                     "data.tokenizer.kind='hf' or 'sentencepiece' and data.tokenizer.path")
+
+
+def _file_tokenizer(config) -> tokenizer_lib.Tokenizer:
+  t = config.data.tokenizer
+  if not t.path:
+    raise ValueError(f"data.tokenizer.kind={t.kind!r} needs data.tokenizer.path")
+  return tokenizer_lib.Tokenizer(os.path.expanduser(str(t.path)), t.kind, t.bos, t.eos)
+
+
+def check_word_tokenizer(tok: tokenizer_lib.Tokenizer, fingerprint: str) -> None:
+  """ValueError naming the file and both fingerprints when a stored word tokenizer's
+  vocabulary is not ``fingerprint`` (the one its data set was built for): its token ids
+  would differ from the ones the task modules' vocabulary gives."""
+  found = tok.fingerprint
+  if found != fingerprint:
+    raise ValueError(
+        f"stored word tokenizer {tok.path} has vocabulary {found} ({tok.vocab_size} "
+        f"tokens), but the data set beside it is built for vocabulary {fingerprint}, the "
+        f"one the task modules register (mashvlm_jax/data/tasks); its token ids would "
+        f"shift. Delete {pathlib.Path(tok.path).parent} and run `mashvlm make-data` again.")
+
+
+def check_template_words(config, tok: tokenizer_lib.Tokenizer) -> None:
+  """ValueError naming the data.template field whose words the word tokenizer lacks (they
+  would all read as <unk>)."""
+  known = set(tok.tokens())
+  for field in ("system", "user", "assistant"):
+    value = str(config.data.template.get(field, ""))
+    unknown = [w for w in tokenizer_lib.split_words(value) if w not in known]
+    if unknown:
+      raise ValueError(
+          f"data.template.{field}={value!r} has words the synthetic word tokenizer "
+          f"{tok.path} does not know: {unknown}; use the task modules' words "
+          f"(mashvlm_jax/data/tasks) or the default markers 'USER:' and 'ASSISTANT:'")
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+VOCABULARY_FILE = "vocabulary.json"  # vocabulary_record(config), beside model_config.json
+
+
+def vocabulary_record(config) -> dict:
+  """{"kind", "fingerprint", "size", "tokenizer"} of the tokenizer ``config.data`` names,
+  to store with parameters so they are never used with other token ids. The word kind's
+  comes from the task modules' registered texts (no data needed); "hf" and
+  "sentencepiece" from data.tokenizer.path."""
+  kind = str(config.data.tokenizer.kind)
+  if kind == "word":
+    _require_synthetic(config)
+    tokens = builders.vocabulary_tokens()
+    source = "synthetic word vocabulary (mashvlm_jax/data/tasks)"
+  else:
+    tok = _file_tokenizer(config)
+    tokens, source = tok.tokens(), tok.path
+  return {"kind": kind, "fingerprint": tokenizer_lib.vocabulary_fingerprint(tokens),
+          "size": len(tokens), "tokenizer": source}
+
+
+def check_vocabulary(config, record: dict, where: str) -> None:
+  """ValueError naming ``where`` (the stored record's file), the field and both
+  fingerprints when ``record`` (a stored vocabulary_record) is not the vocabulary of
+  ``config``'s tokenizer."""
+  if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+    raise ValueError(f"{where}: expected a JSON object with a string field 'fingerprint' "
+                     f"(registry.vocabulary_record), found {record!r}")
+  current = vocabulary_record(config)
+  if record["fingerprint"] != current["fingerprint"]:
+    raise ValueError(
+        f"{where}: field 'fingerprint' is {record['fingerprint']} ({record.get('size', '?')} "
+        f"tokens, {record.get('kind', '?')} tokenizer {record.get('tokenizer', '?')}), but "
+        f"the config's tokenizer has vocabulary {current['fingerprint']} ({current['size']} "
+        f"tokens, {current['kind']} tokenizer {current['tokenizer']}): these parameters "
+        f"were trained with other token ids. Set data.tokenizer to the tokenizer they were "
+        f"trained with, or train again.")
+
+
+def check_vocabulary_file(config, path) -> None:
+  """check_vocabulary against the JSON file ``path`` (local or gs://); no-op when there is
+  none (checkpoints written before the file existed, import-hf outputs)."""
+  from etils import epath
+  path = epath.Path(path)
+  if not path.exists():
+    return
+  try:
+    record = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  check_vocabulary(config, record, str(path))

@@ -4,10 +4,15 @@ SentencePiece ``.model``, or the word-level tokenizer of the synthetic set.
 The word-level tokenizer is built with the ``tokenizers`` library from every string the
 synthetic generator can emit (plus the chat markers), lower-cased and split on
 whitespace/punctuation; it is saved as ``tokenizer.json`` next to the data it belongs to.
+
+A vocabulary's fingerprint (``vocabulary_fingerprint``) hashes its tokens in id order: two
+tokenizers with the same fingerprint give every token the same id.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import pathlib
 import tempfile
@@ -100,6 +105,25 @@ class Tokenizer:
       return self.impl.get_piece_size()
     return self.impl.get_vocab_size(with_added_tokens=True)
 
+  def tokens(self) -> list:
+    """Every token in id order (None for an id no token has)."""
+    if self.kind == "sentencepiece":
+      return [self.impl.id_to_piece(i) for i in range(self.impl.get_piece_size())]
+    vocab = self.impl.get_vocab(with_added_tokens=True)
+    out = [None] * (max(vocab.values()) + 1 if vocab else 0)
+    for token, index in vocab.items():
+      out[index] = token
+    return out
+
+  @property
+  def fingerprint(self) -> str:
+    return vocabulary_fingerprint(self.tokens())
+
+
+def vocabulary_fingerprint(tokens: list) -> str:
+  """12 hex digits of the sha256 of the tokens in id order (JSON-encoded)."""
+  return hashlib.sha256(json.dumps(list(tokens)).encode()).hexdigest()[:12]
+
 
 def split_words(text: str) -> list[str]:
   """The word-level tokenizer's words: lower-cased, whitespace/punctuation split."""
@@ -107,15 +131,20 @@ def split_words(text: str) -> list[str]:
   return [w for w, _ in tokenizers.pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())]
 
 
+def word_vocabulary(texts: Iterable[str]) -> list[str]:
+  """The word-level tokenizer's tokens in id order: <pad> <unk> <s> </s>, then the words
+  of ``texts`` sorted."""
+  return [PAD, UNK, BOS, EOS] + sorted({w for text in texts for w in split_words(text)})
+
+
 def build_word_tokenizer(texts: Iterable[str]):
   """A ``tokenizers.Tokenizer`` (WordLevel) over the words of ``texts``.
 
-  Ids: <pad>=0, <unk>=1, <s>=2, </s>=3, then the words in sorted order.
+  Ids: <pad>=0, <unk>=1, <s>=2, </s>=3, then the words in sorted order (word_vocabulary).
   """
   import tokenizers
   from tokenizers import models, normalizers, pre_tokenizers
-  words = sorted({w for text in texts for w in split_words(text)})
-  vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS] + words)}
+  vocab = {tok: i for i, tok in enumerate(word_vocabulary(texts))}
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))
   tok.normalizer = normalizers.Lowercase()
   tok.pre_tokenizer = pre_tokenizers.Whitespace()

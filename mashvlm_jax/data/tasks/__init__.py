@@ -4,6 +4,10 @@ A QA dict has the fields of the stored ``qa`` feature (builders.FEATURES):
   i: instruction (system-level text; "" for none), q: question, a: answer,
   task: the format's name, aspect: "action" | "scene" | "" (what the question probes),
   pair: dual-question group id within the video (-1 when the question is not in a pair).
+
+Every module here registers the texts it can write into the synthetic set
+(``@vocabulary.register``, vocabulary.py); their union is the synthetic word vocabulary,
+so a new task adds its words in one place.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ instruction asks for the best option, the usual MVBench prompt.
 """
 from __future__ import annotations
 
-from mashvlm_jax.data.tasks import qa
+from mashvlm_jax.data.tasks import qa, vocabulary
 
 TASK = "mvbench"
 INSTRUCTION = ("Carefully watch the video and pay attention to the cause and sequence of "
@@ -26,3 +26,11 @@ def questions(question: str, candidates: list[str], answer: str) -> list[dict]:
   lines += [f"({option_letter(k)}) {c}" for k, c in enumerate(candidates)]
   target = f"({option_letter(candidates.index(answer))}) {answer}"
   return [qa("\n".join(lines), target, task=TASK, i=INSTRUCTION)]
+
+
+@vocabulary.register
+def texts() -> list[str]:
+  """None: MVBench questions come only from users' annotations (local_video_qa), which
+  take the model's own tokenizer (registry.load_tokenizer refuses the word tokenizer
+  there), so they add nothing to the synthetic vocabulary."""
+  return []

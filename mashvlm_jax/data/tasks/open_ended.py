@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from mashvlm_jax.data import synthetic
-from mashvlm_jax.data.tasks import qa
+from mashvlm_jax.data.tasks import qa, vocabulary
 
 TASK = "open_ended"
 QUESTION = "Describe the video in detail."
@@ -31,6 +31,7 @@ def questions(action: str, scene: str, rng: np.random.Generator | None = None) -
              aspect="action" if not action else "")]
 
 
+@vocabulary.register
 def texts() -> list[str]:
   """Every string this module can emit (for the word-level vocabulary)."""
   out = [QUESTION]

@@ -15,6 +15,7 @@ import numpy as np
 from mashvlm_jax.data import synthetic
 from mashvlm_jax.data.tasks import NO, YES, action_question, open_ended, qa
 from mashvlm_jax.data.tasks import scene_only_question, scene_question, unscene_binary
+from mashvlm_jax.data.tasks import vocabulary
 
 WHAT = "What is the person doing?"
 WHERE = "Where does this video take place?"
@@ -44,6 +45,7 @@ def questions(action: str, scene: str, rng: np.random.Generator) -> list[dict]:
       qa(scene_only_question(scene), NO, task="yes_no", aspect="action")]
 
 
+@vocabulary.register
 def texts() -> list[str]:
   """Every string this module can emit (for the word-level vocabulary)."""
   out = [WHAT, WHERE, NOBODY, YES, NO]

@@ -13,7 +13,7 @@ import numpy as np
 
 from mashvlm_jax.data import synthetic
 from mashvlm_jax.data.tasks import NO, YES, action_question, qa, scene_only_question
-from mashvlm_jax.data.tasks import scene_question
+from mashvlm_jax.data.tasks import scene_question, vocabulary
 
 TASK = "unscene_binary"
 
@@ -50,3 +50,13 @@ def questions(action: str, scene: str, rng: np.random.Generator) -> list[dict]:
           qa(action_question(wrong_action), NO, task=TASK, aspect="action", pair=0),
           qa(scene_question(phrase[scene]), YES, task=TASK, aspect="scene", pair=1),
           qa(scene_question(phrase[wrong_scene]), NO, task=TASK, aspect="scene", pair=1)]
+
+
+@vocabulary.register
+def texts() -> list[str]:
+  """Every string this module can emit (for the word-level vocabulary)."""
+  out = [YES, NO]
+  out += [action_question(action) for action in synthetic.ACTIONS]
+  for scene in synthetic.SCENES:
+    out += [scene_question(synthetic.SCENE_PHRASES[scene]), scene_only_question(scene)]
+  return out
