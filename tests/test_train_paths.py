@@ -11,6 +11,7 @@ of tiny random HuggingFace LLaMA + CLIP checkpoints (safetensors, made here):
 - keep_checkpoints: only the newest ones remain.
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -226,3 +227,14 @@ def test_init_from_a_trainer_run_takes_parameters_only(tmp_path, data_dir, accum
   assert out.returncode != 0
   assert "model.mask.temporal: config 'bidirectional' vs checkpoint 'causal'" in out.stderr, (
       out.stderr[-3000:])
+
+  # trained with other token ids (another vocabulary): refused, the file and both named
+  other = tmp_path / "other_vocabulary"
+  shutil.copytree(stage1, other)
+  record = json.loads((other / "vocabulary.json").read_text())
+  (other / "vocabulary.json").write_text(json.dumps(dict(record, fingerprint="0123456789ab")))
+  out = run_cli("train", *train_args(tmp_path / "other2", 1, 1), f"--config.init_from={other}",
+                data_dir=data_dir)
+  assert out.returncode != 0
+  assert (f"{other / 'vocabulary.json'}: field 'fingerprint' is 0123456789ab" in out.stderr
+          and record["fingerprint"] in out.stderr), out.stderr[-3000:]

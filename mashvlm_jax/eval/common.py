@@ -35,12 +35,15 @@ def load_params(config, path, step: int | None = None):
   """
   path = pathlib.Path(path).expanduser()
   from mashvlm_jax.convert import params_io
+  from mashvlm_jax.data import registry
   if (path / params_io.PARAMS_DIR).is_dir() and (path / params_io.CONFIG_FILE).exists():
+    registry.check_vocabulary_file(config, path / registry.VOCABULARY_FILE)
     return params_io.load_params(str(path))[0]
   from mashvlm_jax.train import checkpoint as ckpt_lib
   from mashvlm_jax.train import trainer
   directory, found_step = resolve_checkpoint(path)
   params_io.check_model_config(config, directory.parent / params_io.CONFIG_FILE)
+  registry.check_vocabulary_file(config, directory.parent / registry.VOCABULARY_FILE)
   checkpointer = ckpt_lib.Checkpointer(directory, use_async=False)
   try:
     step = step if step is not None else found_step

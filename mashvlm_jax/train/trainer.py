@@ -8,6 +8,8 @@ Workdir layout:
   loss_curve.png        written at the end
   config.json           the resolved config
   model_config.json     the model config (export-torch and evaluators read it)
+  vocabulary.json       the tokenizer's fingerprint and size: a resumed run, a fine-tuning
+                        run (init_from) and evaluation refuse other token ids
 """
 from __future__ import annotations
 
@@ -217,8 +219,10 @@ def load_initial_params(config, setup: Setup, state: TrainState, directory: str)
   differing field)."""
   from flax import traverse_util
   from mashvlm_jax.convert import params_io
-  params_io.check_model_config(
-      config, params_io.resolve_checkpoint(directory)[2] / params_io.CONFIG_FILE)
+  from mashvlm_jax.data import registry
+  stored = params_io.resolve_checkpoint(directory)[2]
+  params_io.check_model_config(config, stored / params_io.CONFIG_FILE)
+  registry.check_vocabulary_file(config, stored / registry.VOCABULARY_FILE)
   loaded = traverse_util.flatten_dict(params_io.load_params(directory)[0], sep="/")
   fresh = traverse_util.flatten_dict(state.params, sep="/")
   shardings = traverse_util.flatten_dict(setup.state_shardings.params, sep="/")
@@ -322,7 +326,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns a summary dict (final step, last metrics, paths, preempted flag).
   """
-  from mashvlm_jax.data import pipeline
+  from mashvlm_jax.convert import params_io
+  from mashvlm_jax.data import pipeline, registry
 
   workdir = epath.Path(paths.local_path(str(workdir)))
   setup = build(config)
@@ -331,15 +336,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   iterator = pipeline.make_iterator(config, "train", seed=int(config.seed))
 
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    # what export-torch and evaluators read with a checkpoint (convert/params_io.py)
-    (workdir / "model_config.json").write_text(
-        json.dumps(setup.model_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                        keep=int(config.get("keep_checkpoints", 3)),
                                        use_async=bool(config.get("async_checkpointing", True)))
   latest = checkpointer.latest_step()
+  if latest is not None:  # resuming: the same model and the same token ids
+    params_io.check_model_config(config, workdir / params_io.CONFIG_FILE)
+    registry.check_vocabulary_file(config, workdir / registry.VOCABULARY_FILE)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    # what export-torch and evaluators read with a checkpoint (convert/params_io.py)
+    (workdir / params_io.CONFIG_FILE).write_text(
+        json.dumps(setup.model_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    (workdir / registry.VOCABULARY_FILE).write_text(
+        json.dumps(registry.vocabulary_record(config), indent=2, sort_keys=True) + "\n")
   if latest is not None:
     state, data_state = checkpointer.restore(
         latest, with_shardings(setup.abstract_state, setup.state_shardings))
