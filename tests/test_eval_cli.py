@@ -55,12 +55,12 @@ def trained(tmp_path_factory):
 
 
 def test_eval_synthetic_and_resume(trained, tmp_path):
-  """Default --out <checkpoint>/eval/synthetic; the same command again computes nothing
-  and leaves every file as it was."""
+  """Default --out <workdir>/eval/step<N>/synthetic; the same command again computes
+  nothing and leaves every file as it was."""
   data_dir, workdir = trained
   args = ["eval", *DATA, f"--checkpoint={workdir}", "--benchmark=synthetic"]
   out, work = run_cli(*args, data_dir=data_dir, counts=tmp_path / "first.json")
-  eval_dir = workdir / "eval" / "synthetic"
+  eval_dir = workdir / "eval" / "step2" / "synthetic"
   result = json.loads((eval_dir / "result.json").read_text())
   assert result["binary"]["counts"]["Unusual Action"] == 2
   questions = 2 * (4 + 4 + 2)  # 2 clips per split
@@ -69,7 +69,10 @@ def test_eval_synthetic_and_resume(trained, tmp_path):
   assert "| Scene-only Action | Unusual Action | Unusual Scene | Avg." in out.stdout
   files = {p: p.read_text() for p in sorted(eval_dir.rglob("*")) if p.is_file()}
   # binary/ and labels/: predictions.jsonl, result.json, result.md; combined result.{json,md}
-  assert len(files) == 8
+  # and checkpoint.json (which checkpoint and step this directory evaluates)
+  assert len(files) == 9
+  assert json.loads(files[eval_dir / "checkpoint.json"]) == {
+      "checkpoint": str(workdir / "checkpoints"), "step": 2}
   out, work = run_cli(*args, data_dir=data_dir, counts=tmp_path / "second.json")
   assert work == {}  # no model call, no prediction row
   assert {p: p.read_text() for p in sorted(eval_dir.rglob("*")) if p.is_file()} == files

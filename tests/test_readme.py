@@ -73,6 +73,7 @@ def test_readme_main_command_then_eval_as_typed(tmp_path):
   out = subprocess.run(evaluate + SHORTEN_EVAL, cwd=clone, env=newcomer_env(),
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-4000:]
-  result = json.loads((clone / workdir / "eval" / "synthetic" / "result.json").read_text())
-  assert result, "the eval command wrote an empty result"
-  assert "results:" in out.stdout
+  written = clone / workdir / "eval" / "step4" / "synthetic" / "result.json"
+  assert f"results: {written}" in out.stdout
+  result = json.loads(written.read_text())
+  assert result["binary"]["counts"] and result["labels"]["counts"]

@@ -9,12 +9,12 @@ Benchmarks:
   open_qa         free-form questions with reference answers -> predictions + judge prompts
   mvbench         multiple choice, official prompt and first-token answer extraction
   synthetic       the synthetic test splits: UNSCENE binary (likelihood) + label probe
-A rerun with the same --out resumes from predictions.jsonl (--noresume starts over).
+A rerun with the same --out resumes from predictions.jsonl (--noresume starts over); the
+output directory records the checkpoint and step it evaluates and refuses another's.
 Judged benchmarks are completed with ``mashvlm import-judgments``.
 """
 from __future__ import annotations
 
-import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -28,8 +28,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_
 _CHECKPOINT = paths.DEFINE_path("checkpoint", None, "Checkpoint directory (see above).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BENCHMARK = flags.DEFINE_enum("benchmark", None, BENCHMARKS, "What to evaluate.")
-_OUT = paths.DEFINE_path("out", None, "Output directory (default: <checkpoint>/eval/"
-                         "<benchmark>).")
+_OUT = paths.DEFINE_path("out", None, "Output directory (default: <workdir>/eval/step<N>/"
+                         "<benchmark>; <dir>/eval/<benchmark> for an import-hf output).")
 _SPLITS = flags.DEFINE_list("splits", None, "Data splits (default: config.data.eval_splits;"
                                             " mvbench: the first of them).")
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Videos per split (0 = all).")
@@ -72,7 +72,8 @@ def main(argv):
                      f"--benchmark=synthetic (benchmarks: {', '.join(BENCHMARKS)})")
   from mashvlm_jax.eval import common
   checkpoint = _CHECKPOINT.value
-  out = _OUT.value or os.path.join(checkpoint, "eval", _BENCHMARK.value)
+  out = _OUT.value or str(common.default_out_dir(checkpoint, _STEP.value, _BENCHMARK.value))
+  common.claim_out_dir(out, checkpoint, _STEP.value, resume=_RESUME.value)
   params = common.load_params(config, checkpoint, _STEP.value)
   result = run(config, params, _BENCHMARK.value, out)
   print(open(result["files"]["markdown"]).read())

@@ -27,6 +27,56 @@ def resolve_checkpoint(path) -> tuple[pathlib.Path, int | None]:
   return path, None
 
 
+def checkpoint_step(path, step: int | None = None) -> int | None:
+  """The step ``load_params`` reads from a trainer checkpoint ``path`` (``step``, the step
+  directory's, or the latest finished one); None for an import-hf output."""
+  from mashvlm_jax.convert import params_io
+  path = pathlib.Path(path).expanduser()
+  if (path / params_io.PARAMS_DIR).is_dir():
+    return None
+  directory, found = resolve_checkpoint(path)
+  if step is not None or found is not None:
+    return step if step is not None else found
+  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()
+           and (p / "state").is_dir()] if directory.is_dir() else []
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {directory}")
+  return max(steps)
+
+
+def default_out_dir(path, step: int | None, benchmark: str) -> pathlib.Path:
+  """Where ``mashvlm eval`` writes by default: ``<workdir>/eval/step<N>/<benchmark>`` for
+  a trainer checkpoint (never inside an Orbax step directory, which checkpoint pruning
+  deletes, and one directory per step, so that resuming never mixes two steps'
+  predictions), ``<dir>/eval/<benchmark>`` for an import-hf output."""
+  path = pathlib.Path(path).expanduser().absolute()
+  step = checkpoint_step(path, step)
+  if step is None:
+    return path / "eval" / benchmark
+  return resolve_checkpoint(path)[0].parent / "eval" / f"step{step}" / benchmark
+
+
+def claim_out_dir(out_dir, checkpoint, step: int | None, resume: bool = True) -> None:
+  """Records in ``out_dir/checkpoint.json`` which checkpoint it evaluates; with ``resume``
+  refuses an ``out_dir`` that holds another checkpoint's predictions (resuming would mix
+  them)."""
+  out_dir = pathlib.Path(out_dir)
+  step = checkpoint_step(checkpoint, step)
+  where = pathlib.Path(checkpoint).expanduser().absolute()
+  if step is not None:  # a workdir and its step directories name the same checkpoints
+    where = resolve_checkpoint(where)[0]
+  record = {"checkpoint": str(where), "step": step}
+  path = out_dir / "checkpoint.json"
+  if path.exists() and resume:
+    found = json.loads(path.read_text())
+    if found != record:
+      raise ValueError(f"{out_dir} holds the evaluation of {found}, not of {record}: give "
+                       f"another --out (or remove it) rather than mix their predictions")
+    return
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(record) + "\n")
+
+
 def load_params(config, path, step: int | None = None):
   """Parameters (plain tree, replicated on the default mesh) of a trained checkpoint.
 
