@@ -184,3 +184,18 @@ def test_nonfinite_step_is_not_applied():
   assert int(metrics["nonfinite"]) == 1 and int(new.step) == 1
   jax.tree_util.tree_map(np.testing.assert_array_equal, new.params, state.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, new.opt_state, state.opt_state)
+
+
+def test_nonfinite_update_from_finite_gradients_is_not_applied():
+  """A NaN learning rate: loss and gradients are finite, the update is not. Nothing is
+  applied and the step is counted (the update used to be applied: NaN parameters)."""
+  model, params = small_model()
+  tx = optax.adam(float("nan"))
+  step = jax.jit(trainer.make_train_step(model, tx, optax.constant_schedule(float("nan")),
+                                         accum=1, trainable=jax.tree_util.tree_map(
+                                             lambda _: True, params)))
+  state = toy_state(tx, params)
+  new, metrics = step(state, toy_batch())
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert int(metrics["nonfinite"]) == 1
+  jax.tree_util.tree_map(np.testing.assert_array_equal, new.params, state.params)
