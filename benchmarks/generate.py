@@ -5,7 +5,9 @@
 
 Both sides decode greedily with a KV cache, exactly ``--new`` tokens per row (no EOS),
 from a prefill of S = M + N + L positions: ours is the full MashVLM (vision tower and
-projector for the video block, DST mask, Harmonic-RoPE) with a text prompt of L tokens;
+projector for the video block, DST mask, Harmonic-RoPE) with a text prompt of L tokens,
+once with the host decode loop and once with the on-device ``lax.while_loop`` (the
+Generator's ``loop="host"`` / ``"device"``, same parameters, same tokens);
 HF's is LlamaForCausalLM on S prompt token ids (torch eager, fp32, its own DynamicCache).
 Tokens/s = batch x new tokens / wall time of the whole call (prefill included), best of
 ``--repeats`` after one warm-up call (ours: after compilation); decode tokens/s =
@@ -55,8 +57,8 @@ def best_time(fn, repeats: int) -> float:
 
 
 def ours(shape: dict, batch: int, text_len: int, new: int, repeats: int):
-  """(seconds per call with ``new`` tokens, with 1 token, prefill length S) for MashVLM +
-  eval/generate.py."""
+  """({loop: (seconds per call with ``new`` tokens, with 1 token)} for both decode loops,
+  prefill length S) for MashVLM + eval/generate.py."""
   import flax.linen as nn
   import jax
   from mashvlm_jax.eval import generate
@@ -72,11 +74,17 @@ def ours(shape: dict, batch: int, text_len: int, new: int, repeats: int):
   prompts = [list(rng.integers(4, shape["vocab_size"], text_len)) for _ in range(batch)]
   gen = generate.Generator(cfg, params)
 
-  def call(count):
-    out = gen.generate(frames, prompts, generate.SamplingParams(max_new_tokens=count))
+  def call(count, loop):
+    out = gen.generate(frames, prompts, generate.SamplingParams(max_new_tokens=count),
+                       loop=loop)
     assert all(len(t) == count for t in out.tokens)
-  return (best_time(lambda: call(new), repeats), best_time(lambda: call(1), repeats),
-          sum(cfg.video_token_counts) + text_len)
+    return out.tokens
+  host, device = call(new, "host"), call(new, "device")
+  assert host == device, "the two decode loops disagree"
+  times = {loop: (best_time(lambda loop=loop: call(new, loop), repeats),
+                  best_time(lambda loop=loop: call(1, loop), repeats))
+           for loop in generate.LOOPS}
+  return times, sum(cfg.video_token_counts) + text_len
 
 
 def huggingface(shape: dict, batch: int, prefill: int, new: int, repeats: int):
@@ -118,17 +126,21 @@ def main(argv=None):
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
         f"{os.cpu_count()} CPUs")
   print(f"batch {args.batch}, {args.new} new tokens per row, greedy, KV cache on both sides")
-  print(f"{'shape':<6} {'S':>4} | {'end-to-end tok/s: ours':>22} {'HF':>7} {'ours/HF':>8} | "
-        f"{'decode tok/s: ours':>18} {'HF':>7} {'ours/HF':>8}")
+  print("tok/s of ours with the host loop, ours with the device loop, HF; x = ours / HF")
+  print(f"{'shape':<6} {'S':>4} | {'end-to-end: host':>16} {'device':>7} {'HF':>7} "
+        f"{'host x':>7} {'dev x':>6} | {'decode: host':>12} {'device':>7} {'HF':>7} "
+        f"{'host x':>7} {'dev x':>6}")
   for name in args.shapes.split(","):
     shape = SHAPES[name]
-    ours_n, ours_1, prefill = ours(shape, args.batch, args.text_len, args.new, args.repeats)
-    hf_n, hf_1 = huggingface(shape, args.batch, prefill, args.new, args.repeats)
+    times, prefill = ours(shape, args.batch, args.text_len, args.new, args.repeats)
+    times["hf"] = huggingface(shape, args.batch, prefill, args.new, args.repeats)
     total, steps = args.batch * args.new, args.batch * (args.new - 1)
-    ours_dec, hf_dec = steps / max(ours_n - ours_1, 1e-9), steps / max(hf_n - hf_1, 1e-9)
-    print(f"{name:<6} {prefill:>4} | {total / ours_n:>22.1f} {total / hf_n:>7.1f} "
-          f"{hf_n / ours_n:>8.2f} | {ours_dec:>18.1f} {hf_dec:>7.1f} "
-          f"{ours_dec / hf_dec:>8.2f}", flush=True)
+    e2e = {k: total / n for k, (n, _) in times.items()}
+    dec = {k: steps / max(n - one, 1e-9) for k, (n, one) in times.items()}
+    row = lambda rate, width: (f"{rate['host']:>{width}.1f} {rate['device']:>7.1f} "
+                               f"{rate['hf']:>7.1f} {rate['host'] / rate['hf']:>7.2f} "
+                               f"{rate['device'] / rate['hf']:>6.2f}")
+    print(f"{name:<6} {prefill:>4} | {row(e2e, 16)} | {row(dec, 12)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""KV-cache generation equals recomputing the full sequence; decode-step ids and mask
-equal layout's for the grown sequence; sampling and stopping rules."""
+"""KV-cache generation equals recomputing the full sequence; the on-device decode loop
+gives the host loop's tokens; decode-step ids and mask equal layout's for the grown
+sequence; sampling and stopping rules."""
 import dataclasses
 
 import flax.linen as nn
@@ -19,11 +20,14 @@ PROMPT_LENGTHS = (5, 11, 2)  # ragged batch: rows 0 and 2 are right-padded
 MAX_NEW = 6
 
 
-def tiny(ablation: str, rope_mode: str):
-  """The tiny config at 32x32 pixels (M=23, N=16) with 2 decoder layers, random weights."""
+def tiny(ablation: str, rope_mode: str, vocab_size: int | None = None):
+  """The tiny config at 32x32 pixels (M=23, N=16) with 2 decoder layers, random weights
+  (and ``vocab_size`` tokens instead of 512 when given)."""
   config = load_config("tiny_synthetic", f"ablation={ablation}")
   config.model.vision.image_size = 32
   config.model.llm.num_layers = 2
+  if vocab_size:
+    config.model.llm.vocab_size = vocab_size
   cfg = dataclasses.replace(ModelConfig.from_dict(config.model), rope_mode=rope_mode)
   params = nn.unbox(mashvlm.init_params(cfg, jax.random.PRNGKey(1)))
   rng = np.random.default_rng(0)
@@ -62,12 +66,13 @@ def recompute_greedy(cfg, params, frames, prompts, steps):
 def test_cached_greedy_equals_full_recompute(ablation, rope_mode, split_layers):
   cfg, params, frames, prompts = tiny(ablation, rope_mode)
   gen = generate.Generator(cfg, params, split_layers=split_layers)
-  out = gen.generate(frames, prompts, generate.SamplingParams(max_new_tokens=MAX_NEW),
-                     return_logits=True)
   want_tokens, want_logits = recompute_greedy(cfg, params, frames, prompts, MAX_NEW)
-  assert out.tokens == want_tokens
-  assert out.finish == ["length"] * len(prompts)
-  np.testing.assert_allclose(out.step_logits, want_logits, atol=1e-5, rtol=1e-5)
+  for loop in generate.LOOPS:
+    out = gen.generate(frames, prompts, generate.SamplingParams(max_new_tokens=MAX_NEW),
+                       return_logits=True, loop=loop)
+    assert out.tokens == want_tokens, loop
+    assert out.finish == ["length"] * len(prompts)
+    np.testing.assert_allclose(out.step_logits, want_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_rows_stop_on_eos_while_others_continue():
@@ -85,6 +90,72 @@ def test_rows_stop_on_eos_while_others_continue():
     assert out.tokens[r] == want[:cut]
     assert out.finish[r] == ("eos" if eos in want else "length")
   assert out.tokens[row] == free.tokens[row][:step]
+
+
+def eos_for_staggered_stops(rows, max_new):
+  """A token every row emits before its last step, chosen so that the rows' first
+  occurrences fall on the most distinct steps; None when no token is in every row."""
+  common = set.intersection(*(set(r[:max_new - 1]) for r in rows))
+  return max(sorted(common), key=lambda tok: len({r.index(tok) for r in rows}), default=None)
+
+
+class CharTokens:
+  """A stand-in tokenizer for stop strings: token t decodes to "<t>"."""
+  pad_id = 0
+
+  def decode(self, ids):
+    return "".join(f"<{i}>" for i in ids)
+
+
+@pytest.mark.parametrize("ablation,rope_mode,temperature,split_layers", [
+    ("mash", "harmonic", 0.0, True), ("mash", "harmonic", 1.0, True),
+    ("baseline", "distinct", 0.0, True), ("baseline", "distinct", 1.0, True),
+    ("mash", "harmonic", 0.0, False),  # the scanned stack (MashVLM.extend) in the loop
+])
+def test_device_loop_gives_the_host_loops_tokens(ablation, rope_mode, temperature,
+                                                  split_layers):
+  """Same tokens, logits and stop reasons from both loops on a ragged (right-padded)
+  batch, free-running and with an EOS at which rows stop at different steps; the device
+  loop's step counter shows it stops once every row is done."""
+  max_new = 16
+  # sampling from 16 tokens makes the rows meet a common token (the EOS) within 16 steps
+  cfg, params, frames, prompts = tiny(ablation, rope_mode, 16 if temperature else None)
+  prompts = [[t % cfg.llm.vocab_size for t in p] for p in prompts]
+  gen = generate.Generator(cfg, params, tokenizer=CharTokens(), split_layers=split_layers)
+  sampling = generate.SamplingParams(max_new_tokens=max_new, temperature=temperature,
+                                     top_p=0.9, seed=5)
+  run = lambda loop, **kw: gen.generate(frames, prompts, dataclasses.replace(sampling, **kw),
+                                        return_logits=True, loop=loop)
+  host, device = run("host"), run("device")
+  assert device.tokens == host.tokens and device.texts == host.texts
+  assert host.steps == device.steps == max_new
+  np.testing.assert_allclose(device.step_logits, host.step_logits, atol=1e-6, rtol=1e-6)
+
+  eos = eos_for_staggered_stops(host.tokens, max_new)
+  assert eos is not None, host.tokens
+  host_eos, device_eos = run("host", eos_id=eos), run("device", eos_id=eos)
+  stops = [row.index(eos) for row in host.tokens]
+  assert len(set(stops)) > 1  # rows finish at different steps
+  assert host_eos.tokens == [row[:stop] for row, stop in zip(host.tokens, stops)]
+  assert device_eos.tokens == host_eos.tokens
+  assert device_eos.finish == host_eos.finish == ["eos"] * len(prompts)
+  # the loop ran exactly until the last row's EOS: max(stops) + 1 < max_new tokens chosen
+  assert device_eos.steps == host_eos.steps == max(stops) + 1 < max_new
+  np.testing.assert_array_equal(device_eos.step_logits, device.step_logits[:, :max(stops) + 1])
+
+  # stop strings are cut on the host afterwards: same tokens and text as the host loop's,
+  # whose loop stops at the last row's stop string while the device loop runs to the end
+  stop = f"<{host.tokens[0][2]}>"
+  host_stop, device_stop = run("host", stop_strings=(stop,)), run("device", stop_strings=(stop,))
+  assert device_stop.tokens == host_stop.tokens and device_stop.texts == host_stop.texts
+  assert device_stop.finish == host_stop.finish and host_stop.finish[0] == "stop"
+  assert device_stop.steps == max_new
+
+
+def test_loop_must_be_known():
+  cfg = ModelConfig.from_dict(load_config("tiny_synthetic").model)
+  with pytest.raises(ValueError, match="loop must be one of"):
+    generate.Generator(cfg, params=None, loop="gpu")
 
 
 def test_next_position_ids_continue_both_streams():
