@@ -13,21 +13,12 @@ import signal
 import stat
 import subprocess
 
-import pytest
 
-from test_train_run import ROOT, cli_args, env_for, restore_params, run_cli, train_args
+from test_train_run import (ROOT, cli_args, data_dir, env_for,  # noqa: F401  (data_dir)
+                            restore_params, run_cli, train_args)
 
 PR_CAPBSET_DROP = 24
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("data")
-  out = run_cli("make-data", "--config=configs/tiny_synthetic.py",
-                "--config.data.builder_config=tiny", data_dir=path)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return path
 
 
 def without_permission_override():

@@ -9,8 +9,8 @@ Orbax writes into a temporary directory and renames it only when every item is c
 so a crash during a save leaves nothing that ``latest_step`` would pick up.
 
 A save that fails, in the caller or in Orbax's background threads, raises
-``CheckpointSaveError`` from the next ``check()`` after the save has ended (the trainer
-calls it every step), from the next ``save`` or from ``wait``: never later. Orbax itself
+``CheckpointSaveError`` from the next ``check()`` (the trainer calls it every step, so on
+the step after the save at the latest), from the next ``save`` or from ``wait``. Orbax itself
 only logs some background failures and would let training run on with nothing saved.
 """
 from __future__ import annotations
@@ -125,9 +125,10 @@ class Checkpointer:
       self._settle()
 
   def check(self) -> None:
-    """Raises ``CheckpointSaveError`` if a save has ended without writing its step; cheap
-    while the save is still running (call it every step)."""
-    if self._pending is not None and not self.manager.is_saving_in_progress():
+    """Call it every step: the first call after a save waits for that save to finish (the
+    write overlaps one step's compute) and raises ``CheckpointSaveError`` if it failed, so
+    a failure stops the run on the step after the save at the latest; otherwise free."""
+    if self._pending is not None:
       self._settle()
 
   def _settle(self) -> None:
