@@ -17,7 +17,6 @@ after every run (marked PARTIAL until all runs are in); text below the ``<!-- fi
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import pathlib
@@ -146,29 +145,9 @@ effect, not for comparison of values.
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--root", default="/tmp/mashvlm_methods")
-  parser.add_argument("--steps", type=int, default=1500)
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--eval_items", type=int, default=48,
-                      help="clips per test split (0 = all)")
-  parser.add_argument("--builder_config", default="default")
-  parser.add_argument("--data_dir", default=os.environ.get("MASHVLM_DATA_DIR", "./data_cache"))
-  parser.add_argument("--doc", default=str(ROOT / "docs" / "ablation.md"))
+  parser = methods.study_parser(__doc__.splitlines()[0], "ablation.md", steps=1500)
   parser.add_argument("--presets", default="", help="comma-separated subset (default: all)")
-  parser.add_argument("--render_only", action="store_true",
-                      help="rewrite the document from finished runs; train nothing")
-  args = parser.parse_args(argv)
-  args.argv = ["python", "benchmarks/ablation.py"] + [
-      a for a in (argv if argv is not None else sys.argv[1:])
-      if not a.startswith(("--doc", "--render_only"))]
-  args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  import jax
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
-      "~/.cache/mashvlm_jax/xla"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  args = methods.finish_args(parser.parse_args(argv), "benchmarks/ablation.py", argv)
   wanted = [p for _, rows in TABLES.values() for _, p, *_ in rows]
   order = list(dict.fromkeys(methods.ablation_arm(p).name for p in wanted))
   if args.presets:

@@ -376,43 +376,50 @@ Arms:
 
 # ------------------------------------------------------------------------------ main
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--arms", default="baseline,mash",
-                      help=f"comma-separated arm names; known: {', '.join(ARMS)}")
+def study_parser(description: str, doc: str, steps: int) -> argparse.ArgumentParser:
+  """The flags every study script shares (this one and ablation.py)."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--root", default="/tmp/mashvlm_methods",
                       help="runs and results (outside the repository)")
-  parser.add_argument("--steps", type=int, default=0,
+  parser.add_argument("--steps", type=int, default=steps,
                       help="training steps of every run (0: each arm's config)")
   parser.add_argument("--eval_items", type=int, default=48,
                       help="clips per test split (0 = all)")
   parser.add_argument("--builder_config", default="default")
   parser.add_argument("--data_dir", default=os.environ.get("MASHVLM_DATA_DIR", "./data_cache"))
-  parser.add_argument("--doc", default=str(ROOT / "docs" / "methods.md"))
+  parser.add_argument("--doc", default=str(ROOT / "docs" / doc))
   parser.add_argument("--render_only", action="store_true",
                       help="rewrite the document from finished runs; train nothing")
-  args = parser.parse_args(argv)
-  args.argv = ["python", "benchmarks/methods.py"] + [
+  return parser
+
+
+def finish_args(args, script: str, argv):
+  """Records the reproducing command (without --doc/--render_only), makes data_dir
+  absolute, and sets up logging and the persistent compilation cache."""
+  args.argv = ["python", script] + [
       a for a in (argv if argv is not None else sys.argv[1:])
       if not a.startswith(("--doc", "--render_only"))]
   args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
+      "~/.cache/mashvlm_jax/xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return args
 
 
 def main(argv=None):
-  args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  parser = study_parser(__doc__.splitlines()[0], "methods.md", steps=0)
+  parser.add_argument("--arms", default="baseline,mash",
+                      help=f"comma-separated arm names; known: {', '.join(ARMS)}")
+  args = finish_args(parser.parse_args(argv), "benchmarks/methods.py", argv)
   unknown = [a for a in args.arms.split(",") if a not in ARMS]
   if unknown:
     raise SystemExit(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
   arms = [ARMS[a] for a in args.arms.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]
-  import jax
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
-      "~/.cache/mashvlm_jax/xla"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   if not args.render_only:
     for seed in seeds:  # seed-major: every arm gets seed 0 before any gets seed 1
       for arm in arms:
