@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from mashvlm_jax import config_lib  # noqa: E402
+from mashvlm_jax import config_lib, paths  # noqa: E402
 
 log = logging.getLogger("mashvlm.methods")
 FINDINGS = "<!-- findings -->"
@@ -400,7 +400,7 @@ def finish_args(args, script: str, argv):
   args.argv = ["python", script] + [
       a for a in (argv if argv is not None else sys.argv[1:])
       if not a.startswith(("--doc", "--render_only"))]
-  args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+  args.data_dir = paths.local_path(args.data_dir)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   import jax

@@ -13,6 +13,7 @@ import logging
 import os
 import pathlib
 
+from mashvlm_jax import paths
 from mashvlm_jax.data import builders
 from mashvlm_jax.data import tokenizer as tokenizer_lib
 
@@ -47,8 +48,7 @@ def sources(config) -> tuple:
         if "path" not in entry:
           raise ValueError(f"data.annotations[{split!r}] entry {entry} has no 'path'")
         path, root = entry["path"], entry.get("video_root", default_root)
-      out.append((split, os.path.abspath(os.path.expanduser(path)),
-                  os.path.abspath(os.path.expanduser(root or "."))))
+      out.append((split, paths.local_path(path), paths.local_path(root or ".")))
   if not out:
     raise ValueError("data.name='local_video_qa' needs data.annotations: split -> JSON file "
                      "or directory (e.g. {'train': 'it.json'})")
