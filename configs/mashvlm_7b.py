@@ -34,7 +34,8 @@ def get_config(arg=None):
       dtype=arg.dtype,
       param_dtype="float32",
       remat_policy=arg.remat,
-      attention_backend="dense",
+      attention_backend="auto",  # splash on TPU, gpu on GPUs, dense on CPU
+      scan_layers=True,  # one compiled layer body per tower
   ))
   config_lib.apply_ablation(config.model, arg.ablation)
 

@@ -36,7 +36,8 @@ def get_config(arg=None):
       dtype=arg.dtype,
       param_dtype="float32",
       remat_policy="none",
-      attention_backend="dense",
+      attention_backend="auto",  # splash on TPU, gpu on GPUs, dense on CPU
+      scan_layers=False,  # 4 + 2 layers: unrolled is faster and compiles fast
   ))
   config_lib.apply_ablation(config.model, arg.ablation)
 

@@ -214,6 +214,31 @@ def test_config_validates_backend_and_blocks():
     attention.AttentionSpec(3, 4, temporal="sideways")
 
 
+def test_auto_backend_is_dense_on_cpu_and_follows_the_platform(monkeypatch):
+  """"auto" (the configs' default) resolves when traced: here, on CPU, to the dense
+  reference, mask and output alike; on TPU to splash, on GPUs to the gpu backend."""
+  assert jax.default_backend() == "cpu"
+  assert attention.resolve_backend("auto") == "dense"
+  q, k, v, types = inputs(lengths=(60, 25))
+  spec = attention.AttentionSpec(23, 64)
+  mask = attention.attention_mask(types, spec, "auto")
+  np.testing.assert_array_equal(mask, layout.dst_mask(types))  # a dense bool mask
+  cot = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+  got, got_grads = value_and_grads("auto", q, k, v, mask, cot)
+  want, want_grads = value_and_grads("dense", q, k, v, mask, cot)
+  np.testing.assert_array_equal(got, want)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_array_equal(g, w)
+  for platform, backend in (("tpu", "splash"), ("gpu", "gpu"), ("cuda", "gpu"),
+                            ("cpu", "dense")):
+    monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
+    assert attention.resolve_backend("auto") == backend
+    assert attention.resolve_backend("dense") == "dense"  # explicit choices stay
+  for name in ("tiny_synthetic", "mashvlm_7b"):
+    assert load_config(name).model.attention_backend == "auto"
+  assert ModelConfig().attention_backend == "auto"
+
+
 SHARD_MAP_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -332,7 +357,7 @@ def tiny_model(arg):
 @pytest.mark.parametrize("arg", ["ablation=mash", pytest.param("ablation=baseline",
                                                                marks=pytest.mark.slow)])
 def test_mashvlm_logits_equal_across_backends(arg):
-  """The tiny MashVLM (M=23, N=64, 12 text tokens; 4 layers under nn.scan), all logits."""
+  """The tiny MashVLM (M=23, N=64, 12 text tokens; 4 unrolled layers), all logits."""
   cfg, params, batch = tiny_model(arg)
   logits = {}
   for backend in ("dense",) + FAST:
@@ -366,7 +391,8 @@ def test_mashvlm_grads_equal_across_backends_under_remat():
   cfg, params, batch = tiny_model("ablation=mash")
 
   def grads(backend, remat):
-    model_cfg = dataclasses.replace(cfg, attention_backend=backend, remat_policy=remat)
+    model_cfg = dataclasses.replace(cfg, attention_backend=backend, remat_policy=remat,
+                                    scan_layers=True)
     loss = lambda p: mashvlm.MashVLM(model_cfg).apply({"params": p}, *batch).std()
     return jax.jit(jax.grad(loss))(params)
 

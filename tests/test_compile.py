@@ -250,9 +250,9 @@ def test_7b_config_training_keys():
   assert config.optim.lr == 2e-5
   prepared = compile_check.prepare_config(config)
   assert prepared.model.attention_backend == "splash"
-  assert config.model.attention_backend == "dense"  # the config itself is not changed
+  assert config.model.attention_backend == "auto"  # the config itself is not changed
   kept = compile_check.prepare_config(config, attention_backend=None, mesh=dict(fsdp=8))
-  assert kept.model.attention_backend == "dense" and dict(kept.mesh) == dict(fsdp=8)
+  assert kept.model.attention_backend == "auto" and dict(kept.mesh) == dict(fsdp=8)
 
 
 # ------------------------------------------------------------------ analytic FLOPs

@@ -18,7 +18,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 PROJECTORS = ("linear", "mlp2x_gelu")
 VISION_ACTS = ("quick_gelu", "gelu")
 POSITION_INITS = ("normal", "sincos2d")
-ATTENTION_BACKENDS = ("dense", "splash", "gpu")  # model/attention.py BACKENDS
+# model/attention.py BACKENDS, plus "auto": resolved when traced (attention.resolve_backend)
+ATTENTION_BACKENDS = ("auto", "dense", "splash", "gpu")
 SPLASH_LANES = 128  # splash tiles are multiples of the TPU lane width
 
 
@@ -143,7 +144,14 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat_policy: str = "none"
-  attention_backend: str = "dense"
+  # "auto": splash on TPU, "gpu" on GPUs, "dense" on CPU, from jax.default_backend() when
+  # traced; or one of "dense" | "splash" | "gpu" (model/attention.py).
+  attention_backend: str = "auto"
+  # True: each layer stack (vision tower, decoder) runs under nn.scan, one compiled layer
+  # body (compile time flat in depth; the large configs). False: the same stacked
+  # parameters applied layer by layer, unrolled (MaxText's scan_layers=False): faster steps
+  # for shallow models, on CPU above all, at a compile time linear in depth.
+  scan_layers: bool = True
   # Splash attention tiles (query rows / key columns per block); sequences are padded to
   # a multiple of both. Ignored by the other backends.
   splash_block_q: int = 128
@@ -173,6 +181,8 @@ class ModelConfig:
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name} must be one of {allowed}, "
                          f"found {getattr(self, name)!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"model.scan_layers must be true or false, found {self.scan_layers!r}")
     for name in ("splash_block_q", "splash_block_kv"):
       size = getattr(self, name)
       if not isinstance(size, int) or size <= 0 or size % SPLASH_LANES:
