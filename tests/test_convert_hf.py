@@ -135,13 +135,16 @@ def test_clip_features_match_hf(tmp_path, full, feature_layer, act):
   shapes = jax.eval_shape(lambda: ClipVisionEncoder(cfg).init(jax.random.PRNGKey(0), pixels))
   params = hf_import.load_tower("vision_tower", safetensors_io.open_checkpoint(tmp_path),
                                 shapes["params"])
-  out = jax.jit(ClipVisionEncoder(cfg).apply)({"params": params}, pixels)
+  # features as the model reads them (the layers past feature_layer skipped); pooled=True
+  # runs every layer for HF's pooler_output
+  out, with_pooler = (jax.jit(ClipVisionEncoder(cfg, pooled=pooled).apply)({"params": params}, pixels)
+               for pooled in (False, True))
   with torch.no_grad():
     ref = hf(torch.tensor(pixels).permute(0, 3, 1, 2), output_hidden_states=True)
   state = ref.hidden_states[feature_layer].numpy()
   np.testing.assert_allclose(out["cls"], state[:, 0], atol=1e-4, rtol=0)
   np.testing.assert_allclose(out["patches"], state[:, 1:], atol=1e-4, rtol=0)
-  np.testing.assert_allclose(out["pooled"], ref.pooler_output.numpy(), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(with_pooler["pooled"], ref.pooler_output.numpy(), atol=1e-4, rtol=0)
 
 
 def model_config(**model):

@@ -1,6 +1,8 @@
 """The full MashVLM on the tiny config: jitted forward/grad with padding, plumbing against
-the numpy LLaMA, frozen vision tower, and parameter counts of the 7B config."""
+the numpy LLaMA, frozen vision tower, unrolled layers against nn.scan, video tokens pooled
+before the projector's last layer, and parameter counts of the 7B config."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -11,6 +13,9 @@ import pytest
 from mashvlm_jax import layout
 from mashvlm_jax.model import mashvlm
 from mashvlm_jax.model.config import ModelConfig
+from mashvlm_jax.model.projector import Projector
+from mashvlm_jax.model.video_tokens import build_video_tokens
+from mashvlm_jax.model.vision import ClipVisionEncoder, normalize_frames
 from conftest import load_config
 import reference
 
@@ -116,6 +121,55 @@ def test_remat_policies_agree():
     np.testing.assert_allclose(loss2, loss, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
                            grads2, grads)
+
+
+def test_unrolled_layers_equal_the_scan():
+  """scan_layers=False applies the same stacked parameters layer by layer: the same
+  parameter tree, loss and gradients (vision layers included, unfrozen and read after
+  layer 1 of 2) and the same prefill logits and KV cache as the nn.scan stacks."""
+  cfg, params, frames, text, text_mask = setup(freeze_vision=False)
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, feature_layer=1))
+  got = {}
+  for scan in (True, False):
+    model_cfg = dataclasses.replace(cfg, scan_layers=scan)
+    model = mashvlm.MashVLM(model_cfg)
+    shapes = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype),
+                                    nn.unbox(mashvlm.abstract_params(model_cfg)))
+    loss = lambda p: xent(model.apply({"params": p}, frames, text, text_mask)[:, :-1],
+                          text[:, 1:], text_mask[:, 1:])
+    prefill = lambda p: model.apply({"params": p}, frames, text, text_mask, 128,
+                                    method=mashvlm.MashVLM.prefill, mutable=["cache"])
+    (logits, _, _), cache = jax.jit(prefill)(params)
+    got[scan] = shapes, jax.jit(jax.value_and_grad(loss))(params), logits, cache
+  (shapes, (loss, grads), logits, cache), want = got[False], got[True]
+  assert shapes == want[0]
+  np.testing.assert_allclose(loss, want[1][0], rtol=1e-6)
+  assert float(jnp.abs(grads["vision_tower"]["layers"]["fc1"]["kernel"][0]).max()) > 0
+  for got_tree, want_tree in ((grads, want[1][1]), (cache, want[3])):
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                           got_tree, want_tree)
+  np.testing.assert_allclose(logits, want[2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "linear"])
+def test_video_tokens_average_before_the_projectors_last_layer(projector):
+  """MashVLM.video_tokens averages frame features before the projector's last (affine)
+  layer; the tokens equal build_video_tokens over every projected frame token (the
+  paper's order: project, then pool)."""
+  cfg, params, frames, _, _ = setup(projector=projector)
+  model = mashvlm.MashVLM(cfg)
+  temporal, spatial = jax.jit(lambda p: model.apply(
+      {"params": p}, frames, method=mashvlm.MashVLM.video_tokens))(params)
+  pixels = normalize_frames(frames.reshape((-1,) + frames.shape[2:]))
+  feats = ClipVisionEncoder(cfg.vision).apply({"params": params["vision_tower"]}, pixels)
+  project = functools.partial(Projector(cfg.llm.hidden_size, cfg.projector).apply,
+                              {"params": params["projector"]})
+  batch, num_frames = frames.shape[:2]
+  cls = project(feats["cls"]).reshape(batch, num_frames, -1)
+  patches = project(feats["patches"]).reshape(batch, num_frames, cfg.vision.grid ** 2, -1)
+  want_temporal, want_spatial = build_video_tokens(cls, patches, (cfg.vision.grid,) * 2)
+  np.testing.assert_allclose(temporal, want_temporal, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(spatial, want_spatial, atol=1e-5, rtol=1e-5)
 
 
 def test_7b_parameter_counts():

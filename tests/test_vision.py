@@ -16,7 +16,7 @@ import reference
 def test_clip_matches_numpy(feature_layer):
   cfg = VisionConfig(image_size=32, patch_size=8, hidden_size=24, num_layers=3, num_heads=3,
                      intermediate_size=40, feature_layer=feature_layer)
-  model = ClipVisionEncoder(cfg)
+  model = ClipVisionEncoder(cfg, pooled=True)
   pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(pixels))["params"])
   params = jax.tree_util.tree_map(
@@ -71,3 +71,40 @@ def test_bad_position_init_is_named():
     VisionConfig(position_init="learned").validate()
   with pytest.raises(ValueError, match="divisible by 4"):
     VisionConfig(hidden_size=18, num_heads=3, position_init="sincos2d").validate()
+
+
+def scan_lengths(jaxpr) -> list[int]:
+  """Lengths of the scans in a jaxpr, sub-jaxprs included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      found.append(eqn.params["length"])
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += scan_lengths(inner)
+  return found
+
+
+@pytest.mark.parametrize("feature_layer, scan_layers", [(0, True), (1, False), (-2, True),
+                                                        (-1, False)])
+def test_layers_past_the_feature_layer_do_not_run(feature_layer, scan_layers):
+  """The tower applies only the layers the selected hidden state depends on, over the
+  first rows of the full parameter stack: the features equal those of a run through every
+  layer (``pooled=True``), and the traced layer stack is that many layers long."""
+  cfg = VisionConfig(image_size=32, patch_size=8, hidden_size=24, num_layers=3, num_heads=3,
+                     intermediate_size=40, feature_layer=feature_layer)
+  pixels = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
+  full = ClipVisionEncoder(cfg, scan_layers=scan_layers, pooled=True)
+  params = nn.unbox(jax.jit(full.init)(jax.random.PRNGKey(0), pixels)["params"])
+  assert params["layers"]["fc1"]["kernel"].shape == (3, 24, 40)  # HF layout: every layer
+  model = ClipVisionEncoder(cfg, scan_layers=scan_layers)
+  got = jax.jit(model.apply)({"params": params}, pixels)
+  want = jax.jit(full.apply)({"params": params}, pixels)
+  assert sorted(got) == ["cls", "patches"]
+  for key in ("cls", "patches"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6)
+  jaxpr = jax.make_jaxpr(model.apply)({"params": params}, pixels).jaxpr
+  assert scan_lengths(jaxpr) == ([cfg.layers_to_run] if cfg.layers_to_run else [])
+  assert scan_lengths(jax.make_jaxpr(full.apply)({"params": params}, pixels).jaxpr) == [3]

@@ -20,7 +20,7 @@ from mashvlm_jax.model import attention as attention_lib
 from mashvlm_jax.model.config import ModelConfig
 from mashvlm_jax.model.llm import LlamaDecoder
 from mashvlm_jax.model.projector import Projector
-from mashvlm_jax.model.video_tokens import build_video_tokens
+from mashvlm_jax.model.video_tokens import pool_video, temporal_tokens
 from mashvlm_jax.model.vision import ClipVisionEncoder, normalize_frames
 
 
@@ -31,10 +31,12 @@ class MashVLM(nn.Module):
   def setup(self):
     cfg = self.cfg
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-    self.vision_tower = ClipVisionEncoder(cfg.vision, remat_policy=cfg.remat_policy, **common)
+    self.vision_tower = ClipVisionEncoder(cfg.vision, remat_policy=cfg.remat_policy,
+                                          scan_layers=cfg.scan_layers, **common)
     self.projector = Projector(cfg.llm.hidden_size, cfg.projector, **common)
     self.language_model = LlamaDecoder(
         cfg.llm, remat_policy=cfg.remat_policy, attention_backend=cfg.attention_backend,
+        scan_layers=cfg.scan_layers,
         attention_blocks=(cfg.splash_block_q, cfg.splash_block_kv),
         capture_attention=self.capture_attention, **common)
 
@@ -53,10 +55,19 @@ class MashVLM(nn.Module):
     cls, patches = feats["cls"], feats["patches"]
     if cfg.freeze_vision:
       cls, patches = jax.lax.stop_gradient(cls), jax.lax.stop_gradient(patches)
-    cls = self.projector(cls).reshape(batch, num_frames, -1)
-    patches = self.projector(patches).reshape(batch, num_frames, patches.shape[1], -1)
+    # The tokens of build_video_tokens(projector(cls), projector(patches)), with the
+    # averaging moved before the projector's last layer: that layer is affine and each
+    # class token, frame mean and spatial token is an average (weights summing to 1) of
+    # frame rows, so the two commute; the frame-mean differences are taken after it, as
+    # build_video_tokens takes them. The last layer and its backward then run over the
+    # 2T + N pooled rows instead of all T * (P + 1) frame tokens.
+    cls = self.projector.features(cls).reshape(batch, num_frames, -1)
+    patches = self.projector.features(patches).reshape(batch, num_frames, patches.shape[1], -1)
     grid = (cfg.vision.grid, cfg.vision.grid)
-    return build_video_tokens(cls, patches, grid)
+    cls, frame_means, spatial = pool_video(cls, patches, grid)
+    tokens = self.projector.output(jnp.concatenate([cls, frame_means, spatial], axis=1))
+    cls, frame_means, spatial = jnp.split(tokens, [num_frames, 2 * num_frames], axis=1)
+    return temporal_tokens(cls, frame_means), spatial
 
   def sequence(self, frames, text_ids, text_mask=None):
     """Inputs of the decoder: embeds [B, S, D], types int[B, S], position ids int[B, 2, S]

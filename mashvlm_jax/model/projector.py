@@ -7,26 +7,43 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mashvlm_jax.model.llm import partitioned
+from mashvlm_jax.model.config import PROJECTORS
+from mashvlm_jax.model.llm import partitioned, rows
 
 _INIT = nn.initializers.normal(stddev=0.02)
 
 
 class Projector(nn.Module):
-  """[..., vision_width] -> [..., llm_width]; kind "linear" or "mlp2x_gelu" (exact GELU)."""
+  """[..., vision_width] -> [..., llm_width]; kind "linear" or "mlp2x_gelu" (exact GELU).
+
+  ``features`` is everything before the last layer and ``output`` the last layer, an
+  affine map; ``__call__`` is ``output(features(x))``. Averages of projected tokens equal
+  ``output`` of averaged ``features`` (MashVLM pools there, before the last layer).
+  """
   out_features: int
   kind: str = "mlp2x_gelu"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
+  def setup(self):
+    if self.kind not in PROJECTORS:
+      raise ValueError(f"projector kind must be one of {PROJECTORS}, found {self.kind!r}")
     dense = functools.partial(nn.Dense, self.out_features, dtype=self.dtype,
                               param_dtype=self.param_dtype)
-    x = dense(name="linear_1", kernel_init=partitioned(_INIT, ("vision_embed", "embed")))(x)
+    self.linear_1 = dense(kernel_init=partitioned(_INIT, ("vision_embed", "embed")))
+    if self.kind == "mlp2x_gelu":
+      self.linear_2 = dense(kernel_init=partitioned(_INIT, ("mlp", "embed")))
+
+  def __call__(self, x):
+    return self.output(self.features(x))
+
+  def features(self, x):
+    """[..., vision_width] -> the input of the last layer: x itself ("linear") or
+    gelu(linear_1(x)) [..., llm_width] ("mlp2x_gelu")."""
     if self.kind == "linear":
       return x
-    if self.kind != "mlp2x_gelu":
-      raise ValueError(f"projector kind must be 'linear' or 'mlp2x_gelu', found {self.kind!r}")
-    x = jax.nn.gelu(x, approximate=False)
-    return dense(name="linear_2", kernel_init=partitioned(_INIT, ("mlp", "embed")))(x)
+    return jax.nn.gelu(rows(self.linear_1, x), approximate=False)
+
+  def output(self, h):
+    """The last layer, affine: linear_1 ("linear") or linear_2 ("mlp2x_gelu")."""
+    return rows(self.linear_1 if self.kind == "linear" else self.linear_2, h)

@@ -16,7 +16,7 @@ import numpy as np
 
 from mashvlm_jax.model import attention as attention_lib
 from mashvlm_jax.model.config import VisionConfig
-from mashvlm_jax.model.llm import partitioned, scanned
+from mashvlm_jax.model.llm import layer_stack, partitioned, rows
 
 Dtype = jnp.dtype
 
@@ -89,17 +89,18 @@ class VisionLayer(nn.Module):
     heads = (cfg.num_heads, cfg.head_dim)
     h = norm(name="layer_norm1")(x)
     qkv_init = partitioned(_INIT, ("embed", "heads", "kv"))
-    q = dense(heads, name="q_proj", kernel_init=qkv_init)(h)
-    k = dense(heads, name="k_proj", kernel_init=qkv_init)(h)
-    v = dense(heads, name="v_proj", kernel_init=qkv_init)(h)
+    q = rows(dense(heads, name="q_proj", kernel_init=qkv_init), h)
+    k = rows(dense(heads, name="k_proj", kernel_init=qkv_init), h)
+    v = rows(dense(heads, name="v_proj", kernel_init=qkv_init), h)
     attn = attention_lib.dense_attention(q, k, v, mask=None)
-    x = x + dense(cfg.hidden_size, axis=(-2, -1), name="out_proj",
-                  kernel_init=partitioned(_INIT, ("heads", "kv", "embed")))(attn)
+    x = x + rows(dense(cfg.hidden_size, axis=(-2, -1), name="out_proj",
+                       kernel_init=partitioned(_INIT, ("heads", "kv", "embed"))), attn, 2)
     h = norm(name="layer_norm2")(x)
-    h = dense(cfg.intermediate_size, name="fc1",
-              kernel_init=partitioned(_INIT, ("embed", "mlp")))(h)
-    h = dense(cfg.hidden_size, name="fc2",
-              kernel_init=partitioned(_INIT, ("mlp", "embed")))(_activation(cfg.hidden_act)(h))
+    h = rows(dense(cfg.intermediate_size, name="fc1",
+                   kernel_init=partitioned(_INIT, ("embed", "mlp"))), h)
+    h = rows(dense(cfg.hidden_size, name="fc2",
+                   kernel_init=partitioned(_INIT, ("mlp", "embed"))),
+             _activation(cfg.hidden_act)(h))
     x = x + h
     index = index + 1
     selected = jnp.where(index == cfg.layers_to_run, x, selected)
@@ -110,13 +111,20 @@ class ClipVisionEncoder(nn.Module):
   """pixels float [N, H, W, 3] (CLIP-normalised) -> dict of features.
 
   Returns {"cls": [N, W], "patches": [N, P, W]} taken at ``cfg.feature_layer`` (P =
-  grid^2 patches in row-major order), and "pooled": post-layernorm of the last layer's
-  class token [N, W] (HF ``pooler_output``).
+  grid^2 patches in row-major order); with ``pooled=True`` also "pooled": post-layernorm
+  of the last layer's class token [N, W] (HF ``pooler_output``).
+
+  Every layer's parameters exist (``init`` builds the whole stack, the HF checkpoint
+  layout), but applying runs only the ``cfg.layers_to_run`` layers the selected hidden state
+  depends on, over the first rows of the stacked parameters; the later layers run only for
+  ``pooled``.
   """
   cfg: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = True  # False: the layer stack unrolled (llm.layer_stack)
+  pooled: bool = False  # also run the layers past feature_layer, for "pooled"
 
   @nn.compact
   def __call__(self, pixels):
@@ -142,8 +150,18 @@ class ClipVisionEncoder(nn.Module):
     cls = jnp.broadcast_to(cls.astype(self.dtype), (patches.shape[0], 1, cfg.hidden_size))
     x = jnp.concatenate([cls, patches], axis=1) + positions.astype(self.dtype)
     x = norm(name="pre_layrnorm")(x)
-    layers = scanned(VisionLayer, cfg.num_layers, self.remat_policy, 0, cfg=cfg,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name="layers")
-    (last, selected, _), _ = layers((x, x, jnp.zeros((), jnp.int32)))
-    pooled = norm(name="post_layernorm")(last[:, 0])
-    return {"cls": selected[:, 0], "patches": selected[:, 1:], "pooled": pooled}
+    run_all = self.pooled or self.is_initializing()
+    count = cfg.num_layers if run_all else cfg.layers_to_run
+    carry = (x, x, jnp.zeros((), jnp.int32))
+    if count:
+      stack = layer_stack(VisionLayer, count, self.remat_policy, 0, self.scan_layers)
+      if count < cfg.num_layers:  # the first `count` layers of the stacked parameters
+        first = lambda tree: jax.tree_util.tree_map(lambda x: x[:count], tree)
+        stack = nn.map_variables(stack, "params", trans_in_fn=first, mutable=False)
+      carry, _ = stack(cfg=cfg, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="layers")(carry)
+    last, selected, _ = carry
+    out = {"cls": selected[:, 0], "patches": selected[:, 1:]}
+    if run_all:  # post_layernorm's parameters are created at init
+      out["pooled"] = norm(name="post_layernorm")(last[:, 0])
+    return out

@@ -29,12 +29,14 @@ PEAK_FLOPS = {
 
 
 def vision_flops_per_frame(cfg: ModelConfig) -> float:
+  """Patch embedding and the ``layers_to_run`` encoder layers the features are read after
+  (the tower does not run the later ones)."""
   v = cfg.vision
   tokens = v.grid ** 2 + 1
   per_layer = 2 * tokens * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
   per_layer += 2 * 2 * tokens * tokens * v.hidden_size  # scores and weighted sum
   patch = 2 * (tokens - 1) * v.patch_size ** 2 * 3 * v.hidden_size
-  return patch + v.num_layers * per_layer
+  return patch + v.layers_to_run * per_layer
 
 
 def llm_flops_per_row(cfg: ModelConfig, text_len: int) -> float:
@@ -51,10 +53,15 @@ def llm_flops_per_row(cfg: ModelConfig, text_len: int) -> float:
 
 
 def projector_flops_per_row(cfg: ModelConfig) -> float:
-  tokens = cfg.num_frames * (cfg.vision.grid ** 2 + 1)
+  """The projector's last (affine) layer runs on the 2T + N pooled rows (MashVLM
+  .video_tokens), the layer before it (mlp2x_gelu) on all T * (P + 1) frame tokens."""
+  frame_tokens = cfg.num_frames * (cfg.vision.grid ** 2 + 1)
+  pooled_rows = 2 * cfg.num_frames + cfg.video_token_counts[1]
   d = cfg.llm.hidden_size
-  per_token = 2 * cfg.vision.hidden_size * d + (2 * d * d if cfg.projector != "linear" else 0)
-  return tokens * per_token
+  first = 2 * cfg.vision.hidden_size * d
+  if cfg.projector == "linear":
+    return pooled_rows * first
+  return frame_tokens * first + pooled_rows * 2 * d * d
 
 
 def train_flops_per_row(cfg: ModelConfig, text_len: int) -> float:
