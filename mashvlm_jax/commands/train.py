@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mashvlm_jax import paths
+from mashvlm_jax.train import cpu_tuning
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
                                 lock_config=True)
@@ -28,6 +29,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo",
                                        "Collectives for multi-process CPU runs.")
+_KEEP_HOST_MEMORY = flags.DEFINE_bool(
+    "keep_freed_host_memory", True,
+    "When training on the CPU, make glibc keep freed memory for the next step instead of "
+    "unmapping it (train/cpu_tuning.py: no per-step page faults; keeps the peak heap).")
 
 
 def initialize_distributed() -> None:
@@ -61,6 +66,11 @@ def main(argv):
   if config is None or not _WORKDIR.value:
     raise SystemExit("mashvlm train: --config and --workdir are required, e.g. "
                      "--config=configs/tiny_synthetic.py --workdir=/tmp/mashvlm_tiny")
+  # before anything starts JAX's CPU client: its threads keep the malloc arena they got
+  if _KEEP_HOST_MEMORY.value and cpu_tuning.runs_on_cpu() and \
+      cpu_tuning.keep_freed_host_memory():
+    logging.getLogger("mashvlm").info("CPU training: glibc keeps freed host memory "
+                                      "(--nokeep_freed_host_memory to turn off)")
   initialize_distributed()
   import jax
   # Persistent XLA cache: resumed and repeated runs skip recompiling the train step.
