@@ -97,6 +97,8 @@ CONTROL = {"ablation": "mash", "data.typical_prob": 0.125}
 CONTROL_VARIANTS = {
     "steps4500": ({"total_steps": 4500}, "3x the steps"),
     "steps9000": ({"total_steps": 9000}, "6x the steps"),
+    "uniformneg": ({"data.train_negatives": "uniform"},
+                   "training Yes/No negatives drawn uniformly, not the scene's typical action"),
     "lr5e-4": ({"optim.lr": 5e-4}, "learning rate 5e-4 instead of 2e-3"),
     "vision": ({"model.freeze_vision": False}, "the tiny vision tower trained"),
     "llm256": ({"model.llm.hidden_size": 256, "model.llm.intermediate_size": 688,

@@ -55,6 +55,9 @@ def get_config(arg=None):
       stored_size=0,
       typical_prob=0.9,  # train: share of clips with the action's typical scene
       scene_only_share=0.05,  # train: share of clips without an actor
+      # train: labels of the Yes/No "No" questions: "typical" (the hallucination candidates,
+      # as the UNSCENE test duals) | "uniform" (any other label; data/tasks/train_mix.py)
+      train_negatives="typical",
       seed=0,  # data generation seed (the shuffle seed is config.seed)
       train_split="train",
       eval_splits=("test_typical", "test_unusual", "test_scene_only"),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mashvlm_jax.data import builders, synthetic
+from mashvlm_jax.data import tasks
 from mashvlm_jax.data.tasks import open_ended, train_mix, unscene_binary
 
 # Independent statement of the intended pairing (the generator's own table is not used).
@@ -187,3 +188,44 @@ def test_every_synthetic_chat_fits_the_tiny_text_len():
         head, turns = chat.encode_turns(Tok, chat.ChatTemplate(), [q])
         longest = max(longest, len(head) + len(turns[0]))
   assert longest <= text_len
+
+
+def _no_labels(spec, negatives):
+  """(action, scene) named by the clip's training "No" questions."""
+  rows = builders.synthetic_questions(spec, negatives)
+  no = [r for r in rows if r["task"] == "yes_no" and r["a"] == train_mix.NO]
+  action = [r["q"] for r in no if r["aspect"] == "action" and "only" not in r["q"]]
+  scene = [r["q"] for r in no if r["aspect"] == "scene"]
+  return action, scene
+
+
+def test_training_negatives_typical_or_uniform():
+  specs = [s for s in synthetic.clip_specs("train", 4000, seed=1, typical_prob=0.125)
+           if s.action]
+  question_of = {a: tasks.action_question(a) for a in synthetic.ACTIONS}
+  scene_question_of = {s: tasks.scene_question(synthetic.SCENE_PHRASES[s])
+                       for s in synthetic.SCENES}
+  typical_named = collections.Counter()
+  drawn = collections.Counter()
+  for spec in specs:
+    typical_scene_action = {s: a for a, s in TYPICAL.items()}[spec.scene]
+    (action,), (scene,) = _no_labels(spec, "typical")
+    if spec.action != typical_scene_action:  # the hallucination candidate, always
+      assert action == question_of[typical_scene_action]
+      typical_named["typical"] += 1
+    (action,), (scene,) = _no_labels(spec, "uniform")
+    named = next(a for a, q in question_of.items() if q == action)
+    assert named != spec.action and scene != scene_question_of[spec.scene]
+    drawn[named == typical_scene_action] += 1
+  # uniform: the scene's typical action is one of the 7 other actions, about 1/7 of the time
+  share = drawn[True] / sum(drawn.values())
+  assert abs(share - 1 / 7) < 4 * (1 / 7 * 6 / 7 / sum(drawn.values())) ** 0.5, share
+  assert typical_named["typical"] > 0.8 * len(specs)
+
+
+def test_training_negatives_name_the_data_and_are_checked():
+  typical = builders.synthetic_config("tiny", 2, 8)
+  uniform = builders.synthetic_config("tiny", 2, 8, train_negatives="uniform")
+  assert "_neguniform_v" in uniform.name and "_neg" not in typical.name
+  with pytest.raises(ValueError, match="train_negatives must be one of"):
+    builders.synthetic_config("tiny", 2, 8, train_negatives="hard")

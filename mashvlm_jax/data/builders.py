@@ -127,21 +127,23 @@ def vocabulary_fingerprint() -> str:
   return tokenizer.vocabulary_fingerprint(vocabulary_tokens())
 
 
-def synthetic_questions(spec: synthetic.ClipSpec) -> list[dict]:
-  """train: the training mixture; test splits: UNSCENE binary duals, the open-ended
-  description and the short action/scene questions."""
+def synthetic_questions(spec: synthetic.ClipSpec, train_negatives: str = "typical") -> list[dict]:
+  """train: the training mixture (its "No" labels per ``train_negatives``,
+  train_mix.questions); test splits: UNSCENE binary duals, the open-ended description and
+  the short action/scene questions."""
   rng = spec.rng(synthetic.QUESTIONS)
   if spec.split == "train":
-    return train_mix.questions(spec.action, spec.scene, rng)
+    return train_mix.questions(spec.action, spec.scene, rng, train_negatives)
   short = [q for q in train_mix.questions(spec.action, spec.scene, rng)
            if q["task"] in ("action", "scene")]
   return (unscene_binary.questions(spec.action, spec.scene, rng)
           + open_ended.questions(spec.action, spec.scene) + short)
 
 
-def synthetic_example(spec: synthetic.ClipSpec, num_frames: int, size: int) -> dict:
+def synthetic_example(spec: synthetic.ClipSpec, num_frames: int, size: int,
+                      train_negatives: str = "typical") -> dict:
   return example(id=spec.id, frames=synthetic.render_clip(spec, num_frames, size, size),
-                 qa=synthetic_questions(spec), task="synthetic", kind=spec.kind,
+                 qa=synthetic_questions(spec, train_negatives), task="synthetic", kind=spec.kind,
                  action=spec.action, scene=spec.scene)
 
 
@@ -155,6 +157,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
   train_size: int = 0  # 0 = the preset's
   test_size: int = 0  # clips per test split; 0 = the preset's
+  train_negatives: str = "typical"  # train_mix.NEGATIVES
   vocabulary: str = ""  # fingerprint of the word vocabulary the data is built with
 
   @property
@@ -168,12 +171,16 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 
 def synthetic_config(preset: str = "default", num_frames: int = 8, size: int = 64,
                      typical_prob: float = 0.9, scene_only_share: float = 0.05,
-                     seed: int = 0, train_size: int = 0, test_size: int = 0) -> SyntheticConfig:
+                     seed: int = 0, train_size: int = 0, test_size: int = 0,
+                     train_negatives: str = "typical") -> SyntheticConfig:
   """A config whose name spells every parameter and ends in the word vocabulary's
   fingerprint (``_v<12 hex>``), so data built with other parameters or another vocabulary
   never share a directory."""
   if preset not in SYNTHETIC_PRESETS:
     raise ValueError(f"unknown synthetic preset {preset!r}; known: {sorted(SYNTHETIC_PRESETS)}")
+  if train_negatives not in train_mix.NEGATIVES:
+    raise ValueError(f"data.train_negatives must be one of {train_mix.NEGATIVES}, found "
+                     f"{train_negatives!r}")
   if num_frames < 2 or size < 8 or train_size < 0 or test_size < 0:
     raise ValueError(f"synthetic data needs num_frames >= 2, size >= 8 and sizes >= 0, found "
                      f"{num_frames}, {size}, {train_size}, {test_size}")
@@ -181,11 +188,14 @@ def synthetic_config(preset: str = "default", num_frames: int = 8, size: int = 6
           f"_o{round(scene_only_share * 1000)}_seed{seed}")
   if train_size or test_size:
     name += f"_n{train_size}_{test_size}"
+  if train_negatives != "typical":  # the default keeps the names of existing data
+    name += f"_neg{train_negatives}"
   fingerprint = vocabulary_fingerprint()
   return SyntheticConfig(name=f"{name}_v{fingerprint}", preset=preset, num_frames=num_frames,
                          size=size, typical_prob=typical_prob,
                          scene_only_share=scene_only_share, seed=seed,
-                         train_size=train_size, test_size=test_size, vocabulary=fingerprint,
+                         train_size=train_size, test_size=test_size,
+                         train_negatives=train_negatives, vocabulary=fingerprint,
                          description=f"synthetic UNSCENE, {preset} sizes, word vocabulary "
                                      f"{fingerprint}")
 
@@ -215,7 +225,7 @@ class SyntheticUnscene(BuildReport, tfds.core.GeneratorBasedBuilder):
                                  typical_prob=cfg.typical_prob,
                                  scene_only_share=cfg.scene_only_share)
     for spec in specs:
-      yield spec.id, synthetic_example(spec, cfg.num_frames, cfg.size)
+      yield spec.id, synthetic_example(spec, cfg.num_frames, cfg.size, cfg.train_negatives)
       self.count_records(1)
 
   def _download_and_prepare(self, dl_manager, download_config):

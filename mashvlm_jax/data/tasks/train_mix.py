@@ -7,6 +7,12 @@ Yes/No (ground truth vs the action's typical scene) and "only <scene>, no one in
 No. Per scene-only clip (5 QAs): a caption, "What is the person doing?" -> no one is
 there, the scene question, the scene's typical action -> No, "only <scene>?" -> Yes.
 The pipeline samples one QA per visit (``data.qa_mode="sample"``).
+
+``negatives`` picks the labels of the "No" questions. "typical" (the default, as the
+UNSCENE test duals): the hallucination candidates above. In every regime they teach a rule
+that needs no motion: "is the person <the scene's typical action>?" is No whenever the
+clip is not typical. "uniform": a uniformly drawn other action and scene, so the Yes/No
+questions can only be answered by reading the action and the scene.
 """
 from __future__ import annotations
 
@@ -26,16 +32,27 @@ def _sentence(text: str) -> str:
   return text[0].upper() + text[1:] + "."
 
 
-def questions(action: str, scene: str, rng: np.random.Generator) -> list[dict]:
+NEGATIVES = ("typical", "uniform")
+
+
+def questions(action: str, scene: str, rng: np.random.Generator,
+              negatives: str = "typical") -> list[dict]:
+  if negatives not in NEGATIVES:
+    raise ValueError(f"training negatives must be one of {NEGATIVES}, found {negatives!r}")
   phrase = synthetic.SCENE_PHRASES[scene]
   out = [qa(open_ended.QUESTION, open_ended.describe(action, scene, rng), task="caption"),
          qa(WHAT, _sentence(action) if action else NOBODY, task="action", aspect="action"),
          qa(WHERE, _sentence(phrase), task="scene", aspect="scene")]
   if not action:
-    typical = synthetic.TYPICAL_ACTION[scene]
-    return out + [qa(action_question(typical), NO, task="yes_no", aspect="action"),
+    absent = (synthetic.TYPICAL_ACTION[scene] if negatives == "typical"
+              else synthetic.ACTIONS[int(rng.integers(len(synthetic.ACTIONS)))])
+    return out + [qa(action_question(absent), NO, task="yes_no", aspect="action"),
                   qa(scene_only_question(scene), YES, task="yes_no", aspect="action")]
-  wrong_action, wrong_scene = unscene_binary.hallucination_labels(action, scene, rng)
+  if negatives == "typical":
+    wrong_action, wrong_scene = unscene_binary.hallucination_labels(action, scene, rng)
+  else:
+    wrong_action = unscene_binary.other_label(synthetic.ACTIONS, action, rng)
+    wrong_scene = unscene_binary.other_label(synthetic.SCENES, scene, rng)
   return out + [
       qa(action_question(action), YES, task="yes_no", aspect="action"),
       qa(action_question(wrong_action), NO, task="yes_no", aspect="action"),

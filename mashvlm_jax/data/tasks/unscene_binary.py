@@ -18,7 +18,8 @@ from mashvlm_jax.data.tasks import scene_question, vocabulary
 TASK = "unscene_binary"
 
 
-def _other(labels, exclude, rng):
+def other_label(labels, exclude, rng):
+  """A label of ``labels`` other than ``exclude``, uniformly."""
   choices = [x for x in labels if x != exclude]
   return choices[int(rng.integers(len(choices)))]
 
@@ -31,10 +32,10 @@ def hallucination_labels(action: str, scene: str, rng: np.random.Generator) -> t
   """
   wrong_action = synthetic.TYPICAL_ACTION[scene]
   if wrong_action == action:
-    wrong_action = _other(synthetic.ACTIONS, action, rng)
+    wrong_action = other_label(synthetic.ACTIONS, action, rng)
   wrong_scene = synthetic.TYPICAL_SCENE[action] if action else scene
   if wrong_scene == scene:
-    wrong_scene = _other(synthetic.SCENES, scene, rng)
+    wrong_scene = other_label(synthetic.SCENES, scene, rng)
   return wrong_action, wrong_scene
 
 
