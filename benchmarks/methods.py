@@ -99,6 +99,8 @@ CONTROL_VARIANTS = {
     "steps9000": ({"total_steps": 9000}, "6x the steps"),
     "uniformneg": ({"data.train_negatives": "uniform"},
                    "training Yes/No negatives drawn uniformly, not the scene's typical action"),
+    "uniformneg+steps9000": ({"data.train_negatives": "uniform", "total_steps": 9000},
+                             "uniform negatives and 6x the steps"),
     "lr5e-4": ({"optim.lr": 5e-4}, "learning rate 5e-4 instead of 2e-3"),
     "vision": ({"model.freeze_vision": False}, "the tiny vision tower trained"),
     "llm256": ({"model.llm.hidden_size": 256, "model.llm.intermediate_size": 688,
