@@ -17,7 +17,8 @@ from absl import flags
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 # Config fields that hold one local path (dotted keys; absent keys are skipped).
-CONFIG_PATH_KEYS = ("init_from", "data.data_dir", "data.video_root", "data.tokenizer.path")
+CONFIG_PATH_KEYS = ("init_from", "data.data_dir", "data.video_root", "data.tokenizer.path",
+                    "data.row_filter.path")
 
 
 def is_url(path: str) -> bool:

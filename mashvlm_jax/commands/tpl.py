@@ -1,0 +1,59 @@
+"""Score UTR's temporal perplexity (TPL) of every QA row of a split; tpl.jsonl + summary.
+
+``mashvlm tpl --config=configs/NAME.py[:ARGS] --checkpoint=DIR --out=DIR [--split=train]
+[--keyframe=random|first|middle|last] [--seed=0] [--limit=N] [--batch_size=8]``.
+TPL = NLL(answer | one keyframe tiled T times) - NLL(answer | full video), mean nats per
+answer token (mashvlm_jax/analysis/tpl.py). DIR is a trainer workdir, its
+``checkpoints/`` or ``checkpoints/<step>/`` directory, or an ``import-hf`` output. Writes
+tpl.jsonl, summary.md, summary.json and one histogram PNG per task in --out; a rerun with
+the same --out resumes (rows already in tpl.jsonl are skipped). Batches are split over
+all local devices. ``data.row_filter`` then trains on the rows with the highest TPL.
+"""
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+from mashvlm_jax import paths
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
+                                lock_config=True)
+_CHECKPOINT = paths.DEFINE_path("checkpoint", None, "Checkpoint directory (see above).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_SPLIT = flags.DEFINE_string("split", None, "Data split (default: config.data.train_split).")
+_OUT = paths.DEFINE_path("out", None, "Output directory.")
+_KEYFRAME = flags.DEFINE_enum("keyframe", "random", ["random", "first", "middle", "last"],
+                              "The keyframe: uniform per clip from (--seed, clip id), or "
+                              "the first, middle (T // 2) or last frame.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random keyframes.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Records of the split to score (0 = all).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Videos per batch (over all devices).")
+_RESUME = flags.DEFINE_bool("resume", True, "Skip rows already in tpl.jsonl.")
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  if config is None or not _CHECKPOINT.value or not _OUT.value:
+    raise SystemExit("mashvlm tpl: --config, --checkpoint and --out are required, e.g. "
+                     "--config=configs/tiny_synthetic.py --checkpoint=workdir/tiny "
+                     "--out=workdir/tiny/tpl")
+  import jax
+  from mashvlm_jax.analysis import tpl
+  from mashvlm_jax.data import registry
+  from mashvlm_jax.eval import common
+  from mashvlm_jax.eval.scoring import Scorer
+  from mashvlm_jax.model.config import ModelConfig
+  from mashvlm_jax.train import sharding
+  split = _SPLIT.value or str(config.data.train_split)
+  common.claim_out_dir(_OUT.value, _CHECKPOINT.value, _STEP.value, resume=_RESUME.value)
+  params = common.load_params(config, _CHECKPOINT.value, _STEP.value)
+  scorer = Scorer(ModelConfig.from_dict(config.model), params,
+                  registry.load_tokenizer(config).pad_id)
+  devices = jax.local_devices()
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
+  summary = tpl.run(config, split, _OUT.value, tpl.make_score_fn(scorer, mesh), len(devices),
+                    keyframe=_KEYFRAME.value, seed=_SEED.value, limit=_LIMIT.value,
+                    batch_size=_BATCH.value, resume=_RESUME.value)
+  print(open(summary["files"]["markdown"]).read())
+  print(f"rows: {summary['files']['jsonl']}")
