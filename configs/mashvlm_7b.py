@@ -72,6 +72,11 @@ def get_config(arg=None):
       eval_splits=(),
       batch_size=128,  # global rows per optimizer step
       text_len=config.get_ref("text_len"),
+      # e.g. (128, 256, 512): each batch padded to the smallest of these that holds its
+      # rows, one compile per length (data/buckets.py); () = every batch at text_len
+      text_buckets=(),
+      # UTR: train on the QA rows a `mashvlm tpl` pass kept (data/row_filter.py); "" = all
+      row_filter=dict(path="", rule="top", fraction=1 / 3, threshold=0.0, per_task=False),
       qa_mode="sample",
       sample_mode="rand",
       augment=dict(random_resized_crop=False, crop_scale=(0.8, 1.0),

@@ -63,6 +63,11 @@ def get_config(arg=None):
       eval_splits=("test_typical", "test_unusual", "test_scene_only"),
       batch_size=16,  # global; each process yields batch_size / process_count rows
       text_len=config.get_ref("text_len"),
+      # e.g. (16, 32): each batch padded to the smallest of these that holds its rows,
+      # one compile per length (data/buckets.py); () = every batch at text_len
+      text_buckets=(),
+      # UTR: train on the QA rows a `mashvlm tpl` pass kept (data/row_filter.py); "" = all
+      row_filter=dict(path="", rule="top", fraction=1 / 3, threshold=0.0, per_task=False),
       qa_mode="sample",  # one random QA turn per visit | "all": the whole record as chat
       sample_mode="rand",  # temporal resampling when stored frames != model frames
       augment=dict(random_resized_crop=True, crop_scale=(0.8, 1.0),

@@ -3,7 +3,12 @@
 labels, truncation (chat.py), padding -> per-process share of each global batch -> batch
 -> worker processes. The iterator's state is checkpointable (``get_state``/``set_state``).
 
-BATCH CONTRACT (per process; B = data.batch_size / process_count, L = data.text_len):
+With ``data.text_buckets`` (e.g. (128, 256, 512)) each batch's text is padded to the
+smallest bucket that holds all its rows instead of data.text_len (buckets.py: the rule,
+the multi-host agreement, exact resume); without them every batch has L = data.text_len.
+
+BATCH CONTRACT (per process; B = data.batch_size / process_count, L = data.text_len or
+the batch's bucket):
   frames      uint8   [B, T, H, W, 3]  raw RGB 0..255 at the model's frame count and
                                        resolution. CLIP mean/std normalisation happens on
                                        device inside the model (model/vision.py
@@ -22,7 +27,8 @@ import logging
 import grain
 import numpy as np
 
-from mashvlm_jax.data import chat, frames as frames_lib, registry
+from mashvlm_jax.data import buckets as buckets_lib
+from mashvlm_jax.data import chat, frames as frames_lib, registry, row_filter
 from mashvlm_jax.data.registry import ensure_built  # noqa: F401  (the trainer's entry)
 
 log = logging.getLogger("mashvlm.data")
@@ -96,12 +102,17 @@ class ExampleTransform:
       return [qa[int(rng.integers(len(qa)))]]
     return qa
 
-  def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
-    record = decode_record(raw)
+  def text(self, record: dict, rng: np.random.Generator) -> tuple[dict, dict]:
+    """(text arrays of the row, truncation report) for a decoded record. Draws the QA
+    turn: the first use of ``rng`` (buckets.TextLength repeats it to count tokens)."""
     if not record["qa"]:
       raise ValueError(f"example {record['id']!r} has no question/answer turns")
-    row, report = chat.encode_example(self.tok, self.template, self.turns(record["qa"], rng),
-                                      self.text_len, record["id"])
+    return chat.encode_example(self.tok, self.template, self.turns(record["qa"], rng),
+                               self.text_len, record["id"])
+
+  def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
+    record = decode_record(raw)
+    row, report = self.text(record, rng)
     if any(report.values()):
       _warn_truncated(record["id"], self.text_len, report)
     row["frames"] = self.frames(record["video"], rng)
@@ -161,24 +172,45 @@ def make_dataset(config, split: str, *, process_index=None, process_count=None, 
     raise ValueError(f"data.batch_size={d.batch_size} (global) is not divisible by the "
                      f"process count {process_count}")
   seed = int(config.get("seed", 0) if seed is None else seed)
+  buckets = buckets_lib.text_buckets(d)
   ds = grain.MapDataset.source(registry.data_source(config, split))
+  ds = row_filter.apply(ds, config, split)  # data.row_filter: only the kept QA rows
   if len(ds) < d.batch_size:
     raise ValueError(f"split {split!r} has {len(ds)} examples, fewer than one global batch "
                      f"(data.batch_size={d.batch_size})")
   # Every process walks the same global stream (shuffle and augmentation keyed by the
   # stream position; repeat() folds in the epoch) and takes positions p, p+P, ...: global
-  # batch k is stream[k*B:(k+1)*B] whatever the number of processes, so a multi-host run
-  # trains on exactly the batches of a single-host run.
+  # batch k is stream[k*B:(k+1)*B] (with data.text_buckets: the planner's k-th global
+  # batch, buckets.py) whatever the number of processes, so a multi-host run trains on
+  # exactly the batches of a single-host run.
   stream = np.random.SeedSequence([seed]).generate_state(2)
-  if shuffle:
-    ds = ds.shuffle(seed=int(stream[0]))
-  ds = ds.random_map(example_transform(config, split, augment), seed=int(stream[1]))
-  ds = ds.repeat(num_epochs)
-  ds = shard(ds, process_index, process_count, equal=num_epochs is not None,
-             multiple=d.batch_size)
-  ds = ds.batch(d.batch_size // process_count, drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.num_threads),
-                                            prefetch_buffer_size=int(d.prefetch_buffer_size)))
+
+  def walk(records: grain.MapDataset, fn) -> grain.MapDataset:
+    """The global stream: seeded shuffle, ``fn`` keyed by stream position, repeat."""
+    if shuffle:
+      records = records.shuffle(seed=int(stream[0]))
+    return records.random_map(fn, seed=int(stream[1])).repeat(num_epochs)
+
+  transform = example_transform(config, split, augment)
+  ds = walk(ds, transform)
+  if buckets:
+    # The same walk over the records' text gives every row's token count (buckets.py).
+    text = row_filter.apply(grain.MapDataset.source(buckets_lib.text_source(config, split)),
+                            config, split)
+    lengths = walk(text, buckets_lib.TextLength(transform, decode_record))
+    stream_len = None if num_epochs is None else len(ds) - len(ds) % d.batch_size
+    it = buckets_lib.BucketPlan(lengths, stream_len, buckets, d.batch_size, process_index,
+                                process_count).map(buckets_lib.LocalBatch(ds, d.num_threads))
+    if int(d.num_workers) == 0:
+      rows = d.batch_size // process_count
+      it = grain.experimental.ThreadPrefetchIterDataset(
+          it, prefetch_buffer_size=max(1, int(d.prefetch_buffer_size) // rows))
+  else:
+    ds = shard(ds, process_index, process_count, equal=num_epochs is not None,
+               multiple=d.batch_size)
+    ds = ds.batch(d.batch_size // process_count, drop_remainder=True)
+    it = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=int(d.num_threads), prefetch_buffer_size=int(d.prefetch_buffer_size)))
   if int(d.num_workers) > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app

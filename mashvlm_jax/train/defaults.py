@@ -4,8 +4,8 @@
 top-level training key is filled, so a model-only config (e.g. one written for
 ``mashvlm info``) can still be built by the trainer or compiled by ``mashvlm compile``.
 Keys the config sets are never changed; inside an existing ``optim`` section the missing
-optimizer fields are filled too, and an existing ``data`` section gains ``batch_size``
-and ``text_len`` when it lacks them. ``mesh`` is taken whole or not at all (a partial mesh
+optimizer fields are filled too, and an existing ``data`` section gains ``batch_size``,
+``text_len`` and ``text_buckets`` when it lacks them. ``mesh`` is taken whole or not at all (a partial mesh
 means "the other axes are 1", see train/sharding.py).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ SCALARS = dict(total_steps=1000, checkpoint_every=500, log_every=10, seed=0,
                grad_accum_steps=1, nan_policy="stop")
 BATCH_SIZE = 16  # global rows per optimizer step
 TEXT_LEN = 512  # padded chat-text tokens per row, when the config sets no text_len
+TEXT_BUCKETS = ()  # no text-length buckets: every batch padded to text_len (data/buckets.py)
 
 
 def training_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -46,4 +47,6 @@ def training_defaults(config: ml_collections.ConfigDict) -> ml_collections.Confi
     out.data.batch_size = BATCH_SIZE
   if "text_len" not in out.data:
     out.data.text_len = out.get_ref("text_len") if "text_len" in out else TEXT_LEN
+  if "text_buckets" not in out.data:
+    out.data.text_buckets = TEXT_BUCKETS
   return out

@@ -14,6 +14,7 @@ Workdir layout:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -301,6 +302,31 @@ class MetricsLogger:
       self.file.close()
 
 
+class StepWindow:
+  """The steps since the last reset (a log step, or a step that compiled): their sequence
+  positions (padding included), real tokens (video + unpadded text) and model FLOPs."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    self.start, self.steps = time.perf_counter(), 0
+    self.positions = self.real_tokens = self.flops = 0.0
+
+  def add(self, positions: float, real_tokens: float, flops: float) -> None:
+    self.steps += 1
+    self.positions += positions
+    self.real_tokens += real_tokens
+    self.flops += flops
+
+  def rates(self, peak_flops: float) -> dict:
+    """step_time (s), tokens_per_s (positions), real_tokens_per_s and mfu."""
+    elapsed = time.perf_counter() - self.start
+    return dict(step_time=elapsed / self.steps, tokens_per_s=self.positions / elapsed,
+                real_tokens_per_s=self.real_tokens / elapsed,
+                mfu=self.flops / elapsed / peak_flops)
+
+
 def plot_loss_curve(metrics_path: epath.Path, out: epath.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -327,6 +353,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns a summary dict (final step, last metrics, paths, preempted flag).
   """
   from mashvlm_jax.convert import params_io
+  from mashvlm_jax.data import buckets as buckets_lib
   from mashvlm_jax.data import pipeline, registry
 
   workdir = epath.Path(paths.local_path(str(workdir)))
@@ -373,15 +400,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config.get("log_batch_fingerprints", False) and jax.process_index() == 0) else None
   rows_per_step = int(config.data.batch_size)
   m, n = setup.model_cfg.video_token_counts
-  text_len = int(config.data.text_len)
-  flops_per_step = rows_per_step * flops_lib.train_flops_per_row(setup.model_cfg, text_len)
+  # data.text_buckets: batches come at a few text lengths; each compiles once, and the
+  # throughput metrics count every step at its own length.
+  flops_per_row = functools.lru_cache(maxsize=None)(
+      lambda length: flops_lib.train_flops_per_row(setup.model_cfg, length))
+  compiled_lengths: set = set()
   device = jax.devices()[0]
   peak, _ = flops_lib.peak_flops_per_device(device.device_kind, device.platform)
   peak_total = peak if device.platform == "cpu" else peak * jax.device_count()
   nan_policy = config.get("nan_policy", "stop")
   last_metrics: dict = {}
   preempted = False
-  window_start, window_steps = time.perf_counter(), 0
+  window = StepWindow()
 
   def save(step):
     checkpointer.save(step, state, iterator.get_state())
@@ -391,16 +421,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for step in range(start + 1, total + 1):
         local = next(iterator)
         local = {k: np.asarray(local[k]) for k in BATCH_KEYS}
+        text_len = int(local["text_ids"].shape[1])
+        text_tokens = int(local["text_mask"].sum()) * jax.process_count()  # global, estimated
         if fingerprints:
           fingerprints.write(json.dumps({"step": step, "batch": batch_fingerprint(local)}) + "\n")
           fingerprints.flush()
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
           state, metrics = step_fn(state, sharding.global_batch(local, setup.mesh))
-        window_steps += 1
+        window.add(positions=rows_per_step * (m + n + text_len),
+                   real_tokens=rows_per_step * (m + n) + text_tokens,
+                   flops=rows_per_step * flops_per_row(text_len))
         logger.advance()
-        if step == start + 1:  # keep compilation out of the step-time window
+        if text_len not in compiled_lengths:  # keep compilation out of the step-time window
+          compiled_lengths.add(text_len)
           jax.block_until_ready(metrics)
-          window_start, window_steps = time.perf_counter(), 0
+          window.reset()
         is_log = step % int(config.log_every) == 0 or step == total
         is_save = step % int(config.checkpoint_every) == 0 or step == total
         stop_now = flag.raised or checkpointer.reached_preemption(step)
@@ -413,14 +448,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"{checkpointer.latest_step()}). Set nan_policy='skip' to skip such steps.")
         if is_log:
           last_metrics = {k: float(v) for k, v in metrics.items()}
-          if window_steps:  # no timing when the window only held the compiling step
-            step_time = (time.perf_counter() - window_start) / window_steps
-            last_metrics.update(
-                step_time=step_time,
-                tokens_per_s=rows_per_step * (m + n + text_len) / step_time,
-                mfu=flops_per_step / step_time / peak_total)
+          # this step's batch: its text length and share of padded text positions (this
+          # process's rows; all of them on one host)
+          last_metrics.update(text_len=text_len,
+                              padded_share=buckets_lib.padded_share(local["text_mask"]))
+          if window.steps:  # no timing when the window only held a compiling step
+            last_metrics.update(window.rates(peak_total))
           logger.write(step, last_metrics)
-          window_start, window_steps = time.perf_counter(), 0
+          window.reset()
         if is_save or stop_now:
           save(step)
         else:
