@@ -163,6 +163,18 @@ def run_dir(root, arm_name: str, seed: int) -> pathlib.Path:
   return pathlib.Path(root) / arm_name / f"seed{seed}"
 
 
+def check_finished(arm: Arm, result: dict, path, args) -> dict:
+  """``result`` when it was trained with ``arm``'s overrides (and --steps); otherwise a
+  clear error: a finished run of other settings is never scored as this arm's."""
+  stored = (result.get("overrides"), result.get("steps"))
+  wanted = (arm.overrides, args.steps or result.get("steps"))
+  if stored != wanted:
+    raise SystemExit(f"{path} holds a run with overrides {stored[0]} and {stored[1]} steps; "
+                     f"arm {arm.name} now means {wanted[0]} (steps {wanted[1]}): move the "
+                     f"old run away or use another --root")
+  return result
+
+
 def run_one(arm: Arm, seed: int, args) -> dict:
   """Trains (or resumes) and evaluates one run, after its parent's; writes its result."""
   from mashvlm_jax.eval import synthetic
@@ -170,7 +182,7 @@ def run_one(arm: Arm, seed: int, args) -> dict:
   workdir = run_dir(args.root, arm.name, seed)
   done = workdir / "result.json"
   if done.exists():
-    return json.loads(done.read_text())
+    return check_finished(arm, json.loads(done.read_text()), done, args)
   if arm.eval_options:
     raise NotImplementedError(f"arm {arm.name}: evaluation options {arm.eval_options} "
                               f"are not supported by this harness yet")

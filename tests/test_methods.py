@@ -1,5 +1,6 @@
 """benchmarks/methods.py: Welch's test against independent computations, and a 2-arm,
 1-seed study with a fine-tuning arm that trains, scores, resumes and renders."""
+import argparse
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -89,3 +91,15 @@ def test_two_arms_with_a_fine_tuning_arm(tmp_path):
   assert "PARTIAL: 2 of 4 runs finished; missing: mash/seed1, mash+mix/seed1" in (
       tmp_path / "methods.md").read_text()
   assert not pathlib.Path(runs / "mash" / "seed1").exists()
+
+
+def test_a_finished_run_of_other_settings_is_refused(tmp_path):
+  arm = methods.ARMS["mash@p0.125"]
+  args = argparse.Namespace(steps=0)
+  same = {"overrides": dict(arm.overrides), "steps": 1500}
+  assert methods.check_finished(arm, same, tmp_path / "result.json", args) is same
+  older = {"overrides": {"ablation": "mash"}, "steps": 1500}
+  with pytest.raises(SystemExit, match="holds a run with overrides"):
+    methods.check_finished(arm, older, tmp_path / "result.json", args)
+  with pytest.raises(SystemExit, match=r"steps 50\)"):
+    methods.check_finished(arm, same, tmp_path / "result.json", argparse.Namespace(steps=50))
