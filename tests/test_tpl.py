@@ -38,7 +38,7 @@ TRAIN_SIZE = 6
 # The tiny_eval_config model and data on the command line (the data dir relative).
 CLI_CONFIG = [f"--config={ROOT}/configs/tiny_synthetic.py",
               "--config.model.vision.image_size=32", "--config.model.llm.num_layers=2",
-              "--config.model.llm.vocab_size=64", "--config.data.builder_config=tiny",
+              "--config.model.llm.vocab_size=256", "--config.data.builder_config=tiny",
               f"--config.data.train_size={TRAIN_SIZE}", "--config.data.test_size=2",
               "--config.data.data_dir=data"]
 

@@ -193,7 +193,7 @@ def make_score_fn(scorer, mesh) -> ScoreFn:
   spec = P(sharding.BATCH_AXES)
 
   def local(params, frames, clip_index, text_ids, text_mask):
-    return scorer._score_fn(params, frames, clip_index, text_ids, text_mask)[0]
+    return scorer.score_fn(params, frames, clip_index, text_ids, text_mask)[0]
 
   fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), spec, spec, spec, spec),
                              out_specs=spec, check_vma=False))

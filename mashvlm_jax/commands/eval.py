@@ -12,6 +12,11 @@ Benchmarks:
 A rerun with the same --out resumes from predictions.jsonl (--noresume starts over); the
 output directory records the checkpoint and step it evaluates and refuses another's.
 Judged benchmarks are completed with ``mashvlm import-judgments``.
+
+``--rve=heads.json`` (``mashvlm rve-heads``) enhances attention at inference in every
+benchmark (analysis/rve.py), with --rve_k, --rve_alpha, --rve_beta, --rve_layers,
+--rve_scope, --rve_denoise overriding the defaults; the default output directory is then
+``<benchmark>-rve-<settings hash>`` and checkpoint.json records the settings.
 """
 from __future__ import annotations
 
@@ -40,6 +45,17 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Generated tokens per answe
                                                      "(0: 8 for yes/no and MVBench, 64 "
                                                      "for open-ended).")
 _RESUME = flags.DEFINE_bool("resume", True, "Skip predictions already in predictions.jsonl.")
+_RVE = paths.DEFINE_path("rve", None, "RVE heads file (mashvlm rve-heads): enhance attention "
+                         "to the action-relevant visual tokens (off without it).")
+_RVE_K = flags.DEFINE_integer("rve_k", None, "RVE: heads per set (default: the file's K).")
+_RVE_ALPHA = flags.DEFINE_float("rve_alpha", 0.05, "RVE: share of visual keys selected.")
+_RVE_BETA = flags.DEFINE_float("rve_beta", 1.0, "RVE: enhancement coefficient.")
+_RVE_LAYERS = flags.DEFINE_string("rve_layers", None, "RVE: middle, auto or 0-based layer "
+                                  "indices (default: the file's layers).")
+_RVE_SCOPE = flags.DEFINE_enum("rve_scope", "global", ["global", "sensitive"],
+                               "RVE: enhance every head of a layer or its sensitive heads.")
+_RVE_DENOISE = flags.DEFINE_bool("rve_denoise", True, "RVE: leave out the insensitive "
+                                 "heads' top keys (denoising mask).")
 
 
 def run(config, params, benchmark: str, out: str) -> dict:
@@ -63,6 +79,25 @@ def run(config, params, benchmark: str, out: str) -> dict:
   return synthetic.evaluate(config, params, out, **common)
 
 
+def rve_option(config):
+  """(RveConfig, its settings with the heads file) from the --rve flags; (None, None)
+  without --rve."""
+  if not _RVE.value:
+    given = [f"--{f.name}" for f in (_RVE_K, _RVE_ALPHA, _RVE_BETA, _RVE_LAYERS, _RVE_SCOPE,
+                                     _RVE_DENOISE) if flags.FLAGS[f.name].present]
+    if given:
+      raise SystemExit(f"mashvlm eval: {', '.join(given)} set RVE options but no --rve "
+                       f"heads file was given (write one with `mashvlm rve-heads`)")
+    return None, None
+  from mashvlm_jax.analysis import rve
+  from mashvlm_jax.model.config import ModelConfig
+  option = rve.load(_RVE.value, ModelConfig.from_dict(config.model), k=_RVE_K.value,
+                    alpha=_RVE_ALPHA.value, beta=_RVE_BETA.value, layers=_RVE_LAYERS.value,
+                    scope=_RVE_SCOPE.value, denoise=_RVE_DENOISE.value)
+  return option, dict(option.describe(), heads_file=_RVE.value,
+                      heads_file_digest=rve.file_digest(_RVE.value))
+
+
 def main(argv):
   del argv
   config = flags.FLAGS.config
@@ -72,9 +107,16 @@ def main(argv):
                      f"--benchmark=synthetic (benchmarks: {', '.join(BENCHMARKS)})")
   from mashvlm_jax.eval import common
   checkpoint = _CHECKPOINT.value
-  out = _OUT.value or str(common.default_out_dir(checkpoint, _STEP.value, _BENCHMARK.value))
-  common.claim_out_dir(out, checkpoint, _STEP.value, resume=_RESUME.value)
+  rve, record = rve_option(config)
+  name = _BENCHMARK.value if rve is None else f"{_BENCHMARK.value}-rve-{rve.tag()}"
+  out = _OUT.value or str(common.default_out_dir(checkpoint, _STEP.value, name))
+  common.claim_out_dir(out, checkpoint, _STEP.value, resume=_RESUME.value, rve=record)
   params = common.load_params(config, checkpoint, _STEP.value)
-  result = run(config, params, _BENCHMARK.value, out)
+  if rve is not None:
+    print(f"RVE from {_RVE.value}: layers {list(rve.layers)}, K={len(rve.sensitive[0])}, "
+          f"alpha={rve.alpha} (m={rve.m} of {rve.num_visual} visual keys), beta={rve.beta}, "
+          f"{rve.scope}, denoise {'on' if rve.denoise else 'off'}; results in {out}")
+  with common.attention_enhancement(rve):
+    result = run(config, params, _BENCHMARK.value, out)
   print(open(result["files"]["markdown"]).read())
   print(f"results: {result['files']['json']}")

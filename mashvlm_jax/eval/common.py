@@ -1,7 +1,11 @@
 """What every evaluator shares: loading parameters, prompts, resumable JSONL predictions,
-a progress bar in items per second, and JSON + markdown results."""
+a progress bar in items per second, JSON + markdown results, and the attention
+enhancement (RVE) that every Scorer and Generator built in ``attention_enhancement``
+applies."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import pathlib
@@ -56,16 +60,20 @@ def default_out_dir(path, step: int | None, benchmark: str) -> pathlib.Path:
   return resolve_checkpoint(path)[0].parent / "eval" / f"step{step}" / benchmark
 
 
-def claim_out_dir(out_dir, checkpoint, step: int | None, resume: bool = True) -> None:
-  """Records in ``out_dir/checkpoint.json`` which checkpoint it evaluates; with ``resume``
-  refuses an ``out_dir`` that holds another checkpoint's predictions (resuming would mix
-  them)."""
+def claim_out_dir(out_dir, checkpoint, step: int | None, resume: bool = True,
+                  rve: dict | None = None) -> None:
+  """Records in ``out_dir/checkpoint.json`` which checkpoint it evaluates (and with
+  ``rve``, the attention enhancement's settings); with ``resume`` refuses an ``out_dir``
+  that holds another checkpoint's or another enhancement's predictions (resuming would
+  mix them)."""
   out_dir = pathlib.Path(out_dir)
   step = checkpoint_step(checkpoint, step)
   where = pathlib.Path(checkpoint).expanduser().absolute()
   if step is not None:  # a workdir and its step directories name the same checkpoints
     where = resolve_checkpoint(where)[0]
   record = {"checkpoint": str(where), "step": step}
+  if rve is not None:
+    record["rve"] = rve
   path = out_dir / "checkpoint.json"
   if path.exists() and resume:
     found = json.loads(path.read_text())
@@ -107,6 +115,28 @@ def load_params(config, path, step: int | None = None):
     checkpointer.close()
   log.info("restored step %d from %s", step, directory)
   return state.params
+
+
+# ------------------------------------------------------------------------------ RVE
+
+_ENHANCEMENT: contextvars.ContextVar = contextvars.ContextVar("mashvlm_rve", default=None)
+
+
+@contextlib.contextmanager
+def attention_enhancement(rve):
+  """Every ``Scorer`` and ``Generator`` built inside this block, and not given its own,
+  enhances attention with ``rve`` (an analysis.rve.RveConfig; None: off). This is how
+  ``mashvlm eval --rve`` reaches every benchmark's evaluator."""
+  token = _ENHANCEMENT.set(rve)
+  try:
+    yield rve
+  finally:
+    _ENHANCEMENT.reset(token)
+
+
+def active_enhancement():
+  """The RveConfig of the innermost ``attention_enhancement`` block, or None."""
+  return _ENHANCEMENT.get()
 
 
 # ------------------------------------------------------------------------------ prompts

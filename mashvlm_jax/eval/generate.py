@@ -9,6 +9,11 @@ every row's cache holds ``[video][prompt][generated]`` with no gap and its ids a
 are those of the unpadded grown sequence. Output therefore equals recomputing the full
 sequence at every step (tests/test_generate.py).
 
+With RVE (``rve=``, or built inside ``common.attention_enhancement``; analysis/rve.py) the
+prompt's last token is enhanced at the prefill and each new token at its step, so the
+output equals a full recompute with ``MashVLM(rve=...)`` and ``rve_from`` at the prompt's
+last token.
+
 Rows stop on ``eos_id``, on a stop string (decoded with the tokenizer) or after
 ``max_new_tokens``; the batch stops when every row has.
 
@@ -32,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mashvlm_jax import layout
+from mashvlm_jax.eval import common
 from mashvlm_jax.model import llm, mashvlm
 from mashvlm_jax.model.config import ModelConfig
 
@@ -131,6 +137,7 @@ class Generator:
   faster per step on CPU) at the cost of a second copy of the decoder's layer weights;
   False steps through the scanned stack (``MashVLM.extend``).
 
+  ``rve``: an analysis.rve.RveConfig (default: ``common.active_enhancement()``).
   ``loop`` picks the decode loop (module docstring), ``generate(loop=...)`` per call;
   both give the same tokens. "device" is the default: on a loaded 2-core CPU it decoded
   1.35x (tiny shape) and 1.13x (small) as many tokens/s end to end as "host"
@@ -140,10 +147,13 @@ class Generator:
   """
 
   def __init__(self, model_cfg: ModelConfig, params, tokenizer=None, pad_id: int | None = None,
-               split_layers: bool = True, loop: str = "device"):
+               split_layers: bool = True, loop: str = "device", rve=None):
     self.loop = _check_loop(loop)
     self.cfg = dataclasses.replace(model_cfg, remat_policy="none", attention_backend="dense")
-    self.model = mashvlm.MashVLM(self.cfg)
+    self.rve = rve if rve is not None else common.active_enhancement()
+    if self.rve is not None:
+      self.rve.check_model(self.cfg)
+    self.model = mashvlm.MashVLM(self.cfg, rve=self.rve)
     self.params = params
     self.tokenizer = tokenizer
     self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer else 0)
@@ -156,7 +166,7 @@ class Generator:
       self._lm_layers = (jax.jit(llm.unstack_layers, static_argnums=1)(
           lm["layers"], self.cfg.llm.num_layers) if params is not None else None)
       self._decoder = llm.LlamaDecoder(self.cfg.llm, dtype=self.cfg.compute_dtype,
-                                       param_dtype=self.cfg.weight_dtype)
+                                       param_dtype=self.cfg.weight_dtype, rve=self.rve)
       self._step = jax.jit(self._split_step_fn, donate_argnums=(1,))
     else:
       self._step = jax.jit(self._step_fn, donate_argnums=(1,))

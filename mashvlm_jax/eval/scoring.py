@@ -6,6 +6,11 @@ mask of layout.dst_mask), so the video's keys and values are computed once per c
 (``MashVLM.prefill_video``), gathered for each of its questions and the questions' text
 runs as one chunk over that cache (``MashVLM.extend`` with ``layout.text_query_mask``).
 This equals the full forward of each ``[video][text]`` row (tests/test_eval_scoring.py).
+
+With RVE (``rve=``, or built inside ``common.attention_enhancement``; analysis/rve.py) the
+rows generation would enhance are enhanced: from each row's last prompt token on
+(``answer_logprobs``) or its last real token (``score_rows`` by default, P(yes)); video
+rows never change, so the shared video prefill stays exact.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mashvlm_jax import layout
+from mashvlm_jax.analysis import rve as rve_lib
+from mashvlm_jax.eval import common
 from mashvlm_jax.eval.generate import pad_prompts
 from mashvlm_jax.model import mashvlm
 from mashvlm_jax.model.config import ModelConfig
@@ -33,17 +40,23 @@ class RowScores:
 
 
 class Scorer:
-  """Teacher-forced scoring of text rows against shared videos."""
+  """Teacher-forced scoring of text rows against shared videos; ``rve``: an
+  analysis.rve.RveConfig (default: ``common.active_enhancement()``)."""
 
-  def __init__(self, model_cfg: ModelConfig, params, pad_id: int = 0):
+  def __init__(self, model_cfg: ModelConfig, params, pad_id: int = 0, rve=None):
     self.cfg = dataclasses.replace(model_cfg, remat_policy="none", attention_backend="dense")
-    self.model = mashvlm.MashVLM(self.cfg)
+    self.rve = rve if rve is not None else common.active_enhancement()
+    if self.rve is not None:
+      self.rve.check_model(self.cfg)
+    self.model = mashvlm.MashVLM(self.cfg, rve=self.rve)
     self.params = params
     self.pad_id = pad_id
     self.num_temporal, self.num_spatial = self.cfg.video_token_counts
-    self._score = jax.jit(self._score_fn)
+    self._score = jax.jit(self.score_fn)
 
-  def _score_fn(self, params, frames, clip_index, text_ids, text_mask):
+  def score_fn(self, params, frames, clip_index, text_ids, text_mask, rve_from=None):
+    """(token_logp [R, L-1], next_logp [R, V]); ``rve_from`` int[R] (with RVE): the text
+    index rows are enhanced from (default: each row's last real token)."""
     m, n = self.num_temporal, self.num_spatial
     rows, text_len = text_ids.shape
     cache_len = m + n + text_len
@@ -57,8 +70,13 @@ class Scorer:
     queries = jnp.broadcast_to(m + n + jnp.arange(text_len), (rows, text_len))
     mask = layout.text_query_mask(types, queries)
     start = jnp.full((rows,), m + n, jnp.int32)
+    enhanced = None
+    if self.rve is not None:
+      enhanced = (rve_lib.last_token_rows(text_mask) if rve_from is None
+                  else rve_lib.rows_from(text_mask, rve_from))
     logits, _ = self.model.apply({"params": params, "cache": cache}, text_ids, ids, mask,
-                                 start, method=mashvlm.MashVLM.extend, mutable=["cache"])
+                                 start, enhanced, method=mashvlm.MashVLM.extend,
+                                 mutable=["cache"])
     logp = jax.nn.log_softmax(logits, axis=-1)
     token_logp = jnp.take_along_axis(logp[:, :-1], text_ids[:, 1:, None], axis=-1)[..., 0]
     last = jnp.sum(text_mask, axis=-1) - 1
@@ -66,10 +84,13 @@ class Scorer:
     return token_logp, next_logp
 
   def score_rows(self, frames, clip_index: Sequence[int], texts: Sequence[Sequence[int]],
-                 *, text_len: int | None = None, multiple: int = 8) -> RowScores:
+                 *, text_len: int | None = None, multiple: int = 8,
+                 enhance_from: Sequence[int] | None = None) -> RowScores:
     """Scores text rows; row r is about video ``clip_index[r]`` of ``frames`` [C, T, H, W, 3].
 
     ``text_len`` fixes the padded width (else the longest row rounded up to ``multiple``).
+    ``enhance_from`` (with RVE): per row, the text index from which rows are enhanced
+    (the prompt's last token); default each row's last real token.
     """
     text_ids, text_mask = pad_prompts(texts, self.pad_id, multiple, text_len)
     clip_index = np.asarray(clip_index, np.int32)
@@ -77,8 +98,10 @@ class Scorer:
         clip_index.max() >= len(frames)):
       raise ValueError(f"clip_index must give one video in [0, {len(frames)}) per text row, "
                        f"found {clip_index.tolist()}")
-    token_logp, next_logp = self._score(self.params, np.asarray(frames), clip_index, text_ids,
-                                        text_mask)
+    inputs = (self.params, np.asarray(frames), clip_index, text_ids, text_mask)
+    if self.rve is not None and enhance_from is not None:
+      inputs += (np.asarray(enhance_from, np.int32),)
+    token_logp, next_logp = self._score(*inputs)
     return RowScores(np.asarray(token_logp), np.asarray(next_logp), text_mask.sum(-1))
 
   def answer_logprobs(self, frames, clip_index, prompts, answers, **kwargs) -> np.ndarray:
@@ -89,6 +112,8 @@ class Scorer:
     texts = [list(p) + list(a) for p, a in zip(prompts, answers)]
     if any(len(a) == 0 for a in answers):
       raise ValueError("every answer needs at least one token")
+    if self.rve is not None:  # what generating the answer would enhance
+      kwargs.setdefault("enhance_from", [len(p) - 1 for p in prompts])
     scores = self.score_rows(frames, clip_index, texts, **kwargs)
     out = np.zeros(len(texts))
     for row, (p, a) in enumerate(zip(prompts, answers)):

@@ -10,6 +10,9 @@
   ``jax.default_backend()`` when traced (``resolve_backend``): splash on TPU, gpu on GPUs,
   dense on CPU and anything else.
 
+The dense path alone computes the logits, so it alone takes a ``LogitsHook`` (RVE's
+enhancement, analysis/rve.py); ``attend`` refuses one for the fast backends.
+
 The fast backends do not take a dense mask: they take a ``MaskLayout`` (per-row token types
 plus the static ``AttentionSpec``), from which the dense backend can also build its mask
 with ``layout.dst_mask``. ``attention_mask`` gives each backend the form it needs.
@@ -99,20 +102,28 @@ def attention_mask(types, spec: AttentionSpec, backend: str):
   return MaskLayout(jnp.asarray(types, jnp.int32), spec)
 
 
+# What the dense path may do to its masked logits before the softmax (RVE,
+# analysis/rve.py): f(logits float32 [B, Hq, Sq, Sk], visible bool [B, Sq, Sk] / [Sq, Sk] /
+# None) -> logits of the same shape.
+LogitsHook = Callable[[jnp.ndarray, jnp.ndarray | None], jnp.ndarray]
+
+
 def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                    mask: jnp.ndarray) -> jnp.ndarray:
+                    mask: jnp.ndarray, enhance: LogitsHook | None = None) -> jnp.ndarray:
   """Softmax(q k^T / sqrt(d) + mask) v.
 
   Args:
     q: [B, Sq, Hq, D] queries (already rotated).
     k, v: [B, Sk, Hkv, D]; Hq must be a multiple of Hkv (grouped-query attention).
     mask: bool [B, Sq, Sk] or [Sq, Sk], True = may attend; None = attend everywhere.
+    enhance: optional ``LogitsHook`` applied to the masked logits before the softmax
+      (None: the plain computation, exactly as without the argument).
   Returns:
     [B, Sq, Hq, D] in q.dtype; logits and softmax in float32.
   """
   batch, q_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
-  probs = jax.nn.softmax(_masked_logits(q, k, mask), axis=-1).astype(v.dtype)
+  probs = jax.nn.softmax(_hooked_logits(q, k, mask, enhance), axis=-1).astype(v.dtype)
   probs = probs.reshape(batch, num_kv, -1, probs.shape[-1])  # [B, Hkv, group * Sq, Sk]
   out = jnp.einsum("bhqk,bhkd->bhqd", probs, v.transpose(0, 2, 1, 3))
   out = out.reshape(batch, num_kv, num_heads // num_kv, q_len, head_dim)
@@ -142,12 +153,22 @@ def _masked_logits(q, k, mask):
   return logits
 
 
-def attention_probs(q, k, mask) -> jnp.ndarray:
+def _hooked_logits(q, k, mask, enhance):
+  """``_masked_logits``, passed through ``enhance`` (heads as [B, Hq, Sq, Sk]) if given."""
+  logits = _masked_logits(q, k, mask)
+  if enhance is None:
+    return logits
+  shape = logits.shape
+  heads = enhance(logits.reshape(shape[0], shape[1] * shape[2], *shape[3:]), mask)
+  return heads.reshape(shape)
+
+
+def attention_probs(q, k, mask, enhance: LogitsHook | None = None) -> jnp.ndarray:
   """float32 [B, Hq, Sq, Sk]: the dense softmax weights of ``dense_attention`` (analysis:
-  attention plots). ``mask`` as there, or a ``MaskLayout``."""
+  attention plots, RVE head scores). ``mask`` as there, or a ``MaskLayout``."""
   if isinstance(mask, MaskLayout):
     mask = mask.dense()
-  probs = jax.nn.softmax(_masked_logits(q, k, mask), axis=-1)
+  probs = jax.nn.softmax(_hooked_logits(q, k, mask, enhance), axis=-1)
   batch, num_kv, group, q_len, k_len = probs.shape
   return probs.reshape(batch, num_kv * group, q_len, k_len)
 
@@ -202,7 +223,8 @@ def _backend_fn(backend: str) -> Callable:
                      f"choose one of {sorted(BACKENDS)}") from None
 
 
-def attend(q, k, v, mask, *, backend: str = "dense", mesh=None):
+def attend(q, k, v, mask, *, backend: str = "dense", mesh=None,
+           enhance: LogitsHook | None = None):
   """Attention of q [B, S, Hq, D] over k, v [B, S, Hkv, D] -> [B, S, Hq, D].
 
   Args:
@@ -211,5 +233,17 @@ def attend(q, k, v, mask, *, backend: str = "dense", mesh=None):
       "auto" (``resolve_backend``).
     mesh: optional jax Mesh for the splash kernel's shard_map (default: the mesh set with
       ``jax.set_mesh``, if any).
+    enhance: a ``LogitsHook`` (RVE); only the dense backend computes logits, so any other
+      backend refuses it rather than ignore it.
   """
-  return _backend_fn(resolve_backend(backend))(q, k, v, mask, mesh=mesh)
+  backend = resolve_backend(backend)
+  if enhance is None:
+    return _backend_fn(backend)(q, k, v, mask, mesh=mesh)
+  if backend != "dense":
+    raise ValueError(f"attention enhancement (RVE) changes the attention logits, which "
+                     f"only the dense backend computes; this forward resolved backend "
+                     f"{backend!r}: set model.attention_backend='dense' (the Generator and "
+                     f"Scorer always decode densely)")
+  if isinstance(mask, MaskLayout):
+    mask = mask.dense()
+  return dense_attention(q, k, v, mask, enhance)

@@ -13,8 +13,14 @@ keeps a flax ``cache`` collection of rotated keys and values [B, cache_len, Hkv,
 (stacked on the ``layers`` axis), writes the new chunk of each row at that row's offset
 and attends over the whole cache with a bool mask [B, chunk, cache_len] built by
 layout.py. Without ``cache_index`` (training) nothing of this runs. ``capture_attention``
-sows each layer's head-averaged attention probabilities into ``intermediates`` (analysis
-only; the training path does not compute them).
+sows each layer's head-averaged attention probabilities into ``intermediates``,
+``capture_heads`` the per-head ones (analysis only; the training path computes neither).
+
+RVE (analysis/rve.py): with an ``rve`` config (a static field) and ``rve_rows`` bool[B, S]
+(the query rows to enhance), the dense attention of the layers it names boosts those rows'
+logits at the visual keys. Inside the layer scan the layer index is a scanned input; the
+stack without ``rve`` is built and called exactly as before, so the programs compiled with
+RVE off are unchanged.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mashvlm_jax.analysis import rve as rve_lib
 from mashvlm_jax.model import attention as attention_lib
 from mashvlm_jax.model import rope
 from mashvlm_jax.model.config import LlamaConfig
@@ -96,11 +103,14 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   backend: str = "dense"
   capture_probs: bool = False
+  rve: rve_lib.RveConfig | None = None
+  capture_heads: bool = False
 
   @nn.compact
-  def __call__(self, x, angles, mask, cache_index=None):
+  def __call__(self, x, angles, mask, cache_index=None, rve_rows=None, layer=None):
     """x [B, C, D] -> [B, C, D]. With ``cache_index`` int[B] (decoding) ``mask`` is bool
-    [B, C, cache_len] over the cache, which this call creates on first use."""
+    [B, C, cache_len] over the cache, which this call creates on first use. With ``rve``
+    and ``rve_rows`` bool[B, C], the rows to enhance in layer ``layer`` (int or traced)."""
     cfg = self.cfg
     dense = functools.partial(nn.DenseGeneral, use_bias=cfg.attention_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype)
@@ -113,18 +123,25 @@ class Attention(nn.Module):
                    kernel_init=partitioned(_INIT, ("embed", "kv_heads", "kv"))), x)
     q = rope.apply_rotary(q, angles)
     k = rope.apply_rotary(k, angles)
+    enhance = None
+    if self.rve is not None and rve_rows is not None:
+      enhance = functools.partial(rve_lib.enhance_attention_logits, rows=rve_rows,
+                                  layer=layer, config=self.rve)
     if cache_index is None:
-      out = attention_lib.attend(q, k, v, mask, backend=self.backend)
+      out = attention_lib.attend(q, k, v, mask, backend=self.backend, enhance=enhance)
     else:  # the fast backends need as many keys as queries: decoding is dense
       shape = (k.shape[0], mask.shape[-1]) + k.shape[2:]
       cached_k = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
       cached_v = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
       cached_k.value = k = write_rows(cached_k.value, k, cache_index)
       cached_v.value = v = write_rows(cached_v.value, v, cache_index)
-      out = attention_lib.dense_attention(q, k, v, mask)
-    if self.capture_probs:
-      probs = attention_lib.attention_probs(q, k, mask)  # [B, Hq, C, keys]
-      self.sow("intermediates", "attention_probs", probs.mean(axis=1))
+      out = attention_lib.dense_attention(q, k, v, mask, enhance)
+    if self.capture_probs or self.capture_heads:
+      probs = attention_lib.attention_probs(q, k, mask, enhance)  # [B, Hq, C, keys]
+      if self.capture_probs:
+        self.sow("intermediates", "attention_probs", probs.mean(axis=1))
+      if self.capture_heads:
+        self.sow("intermediates", "attention_head_probs", probs)
     return rows(dense(x.shape[-1], axis=(-2, -1), name="o_proj",
                       kernel_init=partitioned(_INIT, ("heads", "kv", "embed"))), out, 2)
 
@@ -152,26 +169,30 @@ class DecoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
   backend: str = "dense"
   capture_probs: bool = False
+  rve: rve_lib.RveConfig | None = None
+  capture_heads: bool = False
 
   @nn.compact
-  def __call__(self, x, angles, mask, cache_index=None):
+  def __call__(self, x, angles, mask, cache_index=None, rve_rows=None, layer=None):
     norm = functools.partial(RMSNorm, eps=self.cfg.rms_norm_eps, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
-    h = x + Attention(self.cfg, self.dtype, self.param_dtype, self.backend, self.capture_probs,
-                      name="self_attn")(norm(name="input_layernorm")(x), angles, mask,
-                                        cache_index)
+    attention = Attention(self.cfg, self.dtype, self.param_dtype, self.backend,
+                          self.capture_probs, self.rve, self.capture_heads, name="self_attn")
+    h = x + attention(norm(name="input_layernorm")(x), angles, mask, cache_index, rve_rows,
+                      layer)
     out = h + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(
         norm(name="post_attention_layernorm")(h))
     return out, None
 
 
 def layer_stack(layer_cls, num_layers: int, remat_policy: str, num_broadcast: int,
-                scan_layers: bool = True):
+                scan_layers: bool = True, num_scanned: int = 0):
   """The module class of ``layer_cls`` stacked ``num_layers`` times under nn.scan,
   optionally rematerialised.
 
   The layer's first argument is the scan carry; the next ``num_broadcast`` arguments are
-  shared by every layer. Parameters, decoding caches and sown intermediates gain a leading
+  shared by every layer and the ``num_scanned`` after them are sliced per layer along
+  their leading axis. Parameters, decoding caches and sown intermediates gain a leading
   ``layers`` axis. ``scan_layers=False`` fully unrolls the scan: the same stacked variables
   and the same per-layer computation, compiled as ``num_layers`` copies of the layer with
   static slices of the stack instead of one loop body (no per-iteration weight copies, no
@@ -181,15 +202,17 @@ def layer_stack(layer_cls, num_layers: int, remat_policy: str, num_broadcast: in
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
   return nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                  split_rngs={"params": True},
-                 in_axes=(nn.broadcast,) * num_broadcast, length=num_layers,
+                 in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned,
+                 length=num_layers,
                  unroll=1 if scan_layers else max(num_layers, 1),
                  metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 def scanned(layer_cls, num_layers: int, remat_policy: str, num_broadcast: int,
-            scan_layers: bool = True, **kwargs):
+            scan_layers: bool = True, num_scanned: int = 0, **kwargs):
   """An instance of ``layer_stack(...)`` built with ``kwargs`` (the layer's fields)."""
-  return layer_stack(layer_cls, num_layers, remat_policy, num_broadcast, scan_layers)(**kwargs)
+  return layer_stack(layer_cls, num_layers, remat_policy, num_broadcast, scan_layers,
+                     num_scanned)(**kwargs)
 
 
 class LlamaDecoder(nn.Module):
@@ -202,17 +225,23 @@ class LlamaDecoder(nn.Module):
   attention_blocks: tuple[int, int] = (128, 128)  # splash (block_q, block_kv), causal_lm
   capture_attention: bool = False  # sow per-layer attention probabilities (analysis)
   scan_layers: bool = True  # False: the layer stack unrolled (``scanned``)
+  rve: rve_lib.RveConfig | None = None  # attention enhancement (analysis/rve.py)
+  capture_heads: bool = False  # sow per-layer, per-head attention probabilities
 
   def setup(self):
     cfg = self.cfg
     self.embed_tokens = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=partitioned(_INIT, ("vocab", "embed")))
-    self.layers = scanned(DecoderLayer, cfg.num_layers, self.remat_policy, 3,
+    # With RVE: the rows (broadcast) and the layer index (scanned) after the cache index.
+    extra = dict(num_broadcast=4, num_scanned=1) if self.rve is not None else dict(
+        num_broadcast=3)
+    self.layers = scanned(DecoderLayer, cfg.num_layers, self.remat_policy,
                           scan_layers=self.scan_layers, cfg=cfg,
                           dtype=self.dtype, param_dtype=self.param_dtype,
                           backend=self.attention_backend,
-                          capture_probs=self.capture_attention)
+                          capture_probs=self.capture_attention, rve=self.rve,
+                          capture_heads=self.capture_heads, **extra)
     self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
@@ -225,7 +254,7 @@ class LlamaDecoder(nn.Module):
     """int[B, L] -> [B, L, D] in the compute dtype."""
     return self.embed_tokens(token_ids)
 
-  def __call__(self, inputs_embeds, position_ids, mask, cache_index=None):
+  def __call__(self, inputs_embeds, position_ids, mask, cache_index=None, rve_rows=None):
     """Final-normed hidden states [B, S, D].
 
     Args:
@@ -237,9 +266,15 @@ class LlamaDecoder(nn.Module):
       cache_index: None (no cache), or int[B]: each row's offset in the ``cache``
         collection where this chunk of S tokens is written (apply with
         ``mutable=["cache"]``; the first such call creates the cache).
+      rve_rows: with ``rve``, bool[B, S]: the query rows RVE enhances (None: none).
     """
     angles = rope.rotary_angles(position_ids, self.inv_freq)
-    h, _ = self.layers(inputs_embeds.astype(self.dtype), angles, mask, cache_index)
+    x = inputs_embeds.astype(self.dtype)
+    if self.rve is None:
+      h, _ = self.layers(x, angles, mask, cache_index)
+    else:
+      h, _ = self.layers(x, angles, mask, cache_index, rve_rows,
+                         jnp.arange(self.cfg.num_layers, dtype=jnp.int32))
     return self.norm(h)
 
   def rotary(self, position_ids):
@@ -284,17 +319,20 @@ def decode_unstacked(decoder: LlamaDecoder, params, layer_params: list, layer_ca
   """``decoder``'s forward over a chunk of new tokens with one parameter tree and one
   ``cache`` tree per layer (``unstack_layers``) instead of the scanned stack.
 
-  Same computation as ``head(decoder(embed(token_ids), ..., cache_index))``; on CPU the
+  Same computation as ``head(decoder(embed(token_ids), ..., cache_index))`` (with the
+  decoder's ``rve``: every new token's row enhanced, as ``MashVLM.extend``); on CPU the
   scan slices (copies) every layer's weights out of the stack at each decode step, and
   separate per-layer buffers avoid that copy. Returns (logits float32 [B, C, vocab], the
   per-layer caches after writing the chunk).
   """
-  layer = DecoderLayer(decoder.cfg, decoder.dtype, decoder.param_dtype)
+  layer = DecoderLayer(decoder.cfg, decoder.dtype, decoder.param_dtype, rve=decoder.rve)
   x = decoder.apply({"params": params}, token_ids, method=LlamaDecoder.embed)
   angles = decoder.apply({"params": params}, position_ids, method=LlamaDecoder.rotary)
   caches = []
-  for layer_p, cache in zip(layer_params, layer_caches):
+  for index, (layer_p, cache) in enumerate(zip(layer_params, layer_caches)):
+    # RVE: every new token is a last-token row; the layer index is a Python int here
+    rve = (jnp.ones(token_ids.shape, bool), index) if decoder.rve is not None else ()
     (x, _), state = layer.apply({"params": layer_p, "cache": cache}, x, angles, mask,
-                                cache_index, mutable=["cache"])
+                                cache_index, *rve, mutable=["cache"])
     caches.append(state["cache"])
   return decoder.apply({"params": params}, x, method=LlamaDecoder.head), caches

@@ -6,7 +6,14 @@ Each row is laid out ``[temporal M][spatial N][text L]`` (layout.py).
 
 Decoding with a KV cache (eval/generate.py) uses ``prefill`` (or ``prefill_video``) once
 and then ``extend`` per chunk of new text tokens, applied with ``mutable=["cache"]``;
-``capture_attention=True`` sows per-layer attention probabilities (eval/plots.py).
+``capture_attention=True`` sows per-layer attention probabilities (eval/plots.py),
+``capture_heads=True`` per-head ones (analysis/rve_heads.py).
+
+RVE (analysis/rve.py, ``rve=RveConfig``) enhances the last-token rows: the row whose logits
+are read and every row after it. ``__call__`` takes them as ``rve_from`` (text index, default
+each row's last real token), ``prefill`` enhances the prompt's last token, ``extend`` every
+new token (or ``rve_rows``), ``prefill_video`` nothing; so KV-cache decoding equals a full
+forward with ``rve_from`` = the prompt's last token.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mashvlm_jax import layout
+from mashvlm_jax.analysis import rve as rve_lib
 from mashvlm_jax.model import attention as attention_lib
 from mashvlm_jax.model.config import ModelConfig
 from mashvlm_jax.model.llm import LlamaDecoder
@@ -27,9 +35,13 @@ from mashvlm_jax.model.vision import ClipVisionEncoder, normalize_frames
 class MashVLM(nn.Module):
   cfg: ModelConfig
   capture_attention: bool = False  # sow "intermediates"/.../attention_probs per layer
+  rve: rve_lib.RveConfig | None = None  # attention enhancement at inference (RVE)
+  capture_heads: bool = False  # sow "intermediates"/.../attention_head_probs per layer
 
   def setup(self):
     cfg = self.cfg
+    if self.rve is not None:
+      self.rve.check_model(cfg)
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     self.vision_tower = ClipVisionEncoder(cfg.vision, remat_policy=cfg.remat_policy,
                                           scan_layers=cfg.scan_layers, **common)
@@ -38,7 +50,8 @@ class MashVLM(nn.Module):
         cfg.llm, remat_policy=cfg.remat_policy, attention_backend=cfg.attention_backend,
         scan_layers=cfg.scan_layers,
         attention_blocks=(cfg.splash_block_q, cfg.splash_block_kv),
-        capture_attention=self.capture_attention, **common)
+        capture_attention=self.capture_attention, rve=self.rve,
+        capture_heads=self.capture_heads, **common)
 
   def video_tokens(self, frames):
     """frames uint8 (0..255) or CLIP-normalised float [B, T, H, W, 3] ->
@@ -85,17 +98,32 @@ class MashVLM(nn.Module):
     mask = attention_lib.attention_mask(types, spec, self.cfg.attention_backend)
     return embeds, types, ids, mask
 
-  def __call__(self, frames, text_ids, text_mask=None):
+  def __call__(self, frames, text_ids, text_mask=None, rve_from=None):
     """Logits float32 [B, L, vocab] at the text positions.
 
     Args:
       frames: uint8 [B, T, H, W, 3] (or CLIP-normalised float).
       text_ids: int[B, L] chat text token ids, right-padded.
       text_mask: optional bool[B, L], True for real tokens (default: all real).
+      rve_from: with ``rve``, int[B]: the text index from which rows are enhanced
+        (default: each row's last real token).
     """
+    if text_mask is None:
+      text_mask = jnp.ones(text_ids.shape, bool)
     embeds, _, ids, mask = self.sequence(frames, text_ids, text_mask)
-    hidden = self.language_model(embeds, ids, mask)
+    rows = self._sequence_rows(text_mask, rve_from)
+    hidden = self.language_model(embeds, ids, mask, rve_rows=rows)
     return self.language_model.logits(hidden[:, -text_ids.shape[1]:])
+
+  def _sequence_rows(self, text_mask, rve_from=None):
+    """With ``rve``: bool[B, M+N+L], the enhanced rows of ``[video][text]`` (none in the
+    video); text rows from ``rve_from`` int[B] or each row's last real token. Else None."""
+    if self.rve is None:
+      return None
+    text = (rve_lib.last_token_rows(text_mask) if rve_from is None
+            else rve_lib.rows_from(text_mask, rve_from))
+    video = jnp.zeros(text.shape[:-1] + (sum(self.cfg.video_token_counts),), bool)
+    return jnp.concatenate([video, text], axis=-1)
 
   # ---------------------------------------------------------------- KV-cache decoding
 
@@ -118,7 +146,8 @@ class MashVLM(nn.Module):
     """
     embeds, types, ids, _ = self.sequence(frames, text_ids, text_mask)
     start = jnp.zeros(types.shape[:1], jnp.int32)
-    hidden = self.language_model(embeds, ids, self.cache_mask(types, cache_len), start)
+    hidden = self.language_model(embeds, ids, self.cache_mask(types, cache_len), start,
+                                 rve_rows=self._sequence_rows(text_mask))
     return self.language_model.logits(hidden[:, -text_ids.shape[1]:]), types, ids
 
   def prefill_video(self, frames, cache_len: int):
@@ -135,7 +164,7 @@ class MashVLM(nn.Module):
     self.language_model(embeds, ids, self.cache_mask(types, cache_len), start)
     return types, ids
 
-  def extend(self, text_ids, position_ids, mask, cache_index):
+  def extend(self, text_ids, position_ids, mask, cache_index, rve_rows=None):
     """Appends text tokens to the cache and returns their logits float32 [B, C, vocab].
 
     Args:
@@ -143,9 +172,13 @@ class MashVLM(nn.Module):
       position_ids: int[B, 2, C] (``layout.next_position_ids`` / ``position_ids``).
       mask: bool[B, C, cache_len] (``layout.text_query_mask`` over the cache's types).
       cache_index: int[B].
+      rve_rows: with ``rve``, bool[B, C]: the new rows to enhance (default: all, as for
+        decode steps).
     """
     embeds = self.language_model.embed(text_ids)
-    hidden = self.language_model(embeds, position_ids, mask, cache_index)
+    if self.rve is not None and rve_rows is None:
+      rve_rows = jnp.ones(text_ids.shape, bool)
+    hidden = self.language_model(embeds, position_ids, mask, cache_index, rve_rows=rve_rows)
     return self.language_model.logits(hidden)
 
 
