@@ -27,7 +27,7 @@ BF16 = ["--config.model.dtype=bfloat16", "--config.model.param_dtype=bfloat16"]
 
 
 def batch(vocab: int):
-  """Two rows of random frames and text from the synthetic tokenizer's ids (55 tokens);
+  """Two rows of random frames and text from the first 55 of the synthetic tokenizer's ids;
   row 1 right-padded after 15 of 24 tokens."""
   rng = np.random.default_rng(0)
   frames = rng.integers(0, 256, (2, 8, 64, 64, 3), dtype=np.uint8)

@@ -211,13 +211,13 @@ def cell(value) -> str:
 # ------------------------------------------------------------------------------ setup
 
 def tiny_eval_config(data_dir):
-  """The tiny config at 32x32 (M=23, N=16), 2 decoder layers and a 64-token vocabulary (the
-  synthetic word tokenizer has 55, so greedy answers are mostly words), on the tiny
+  """The tiny config at 32x32 (M=23, N=16), 2 decoder layers and a 256-token vocabulary (the
+  synthetic word tokenizer has 183, so greedy answers are mostly words), on the tiny
   synthetic set with 2 clips per split."""
   config = load_config("tiny_synthetic")
   config.model.vision.image_size = 32
   config.model.llm.num_layers = 2
-  config.model.llm.vocab_size = 64
+  config.model.llm.vocab_size = 256
   config.data.update(data_dir=str(data_dir), builder_config="tiny", train_size=2,
                      test_size=2)
   return config
