@@ -48,6 +48,7 @@ class Arm:
   parent: str | None = None  # the arm whose run of the same seed this one fine-tunes
   reference: str | None = None  # the arm the table compares this one with
   eval_options: dict = dataclasses.field(default_factory=dict)
+  train: bool = True  # False: evaluates the parent's run as it is (inference-time methods)
   group: str = "MASH-VLM ablations (paper Tables 5-7)"
   about: str = ""
 
@@ -123,8 +124,32 @@ FINE_TUNING = [
         about="500 more steps of the ordinary mix from `mash` (the fine-tuning control)"),
 ]
 
+# RVE (analysis/rve.py): no training; the stage-1 run of each seed evaluated with its
+# attention enhanced. The heads file is scored once per stage-1 run (32 verb-swapped
+# training pairs, K and the middle layers by default) and shared by these arms.
+RVE_HEAD_PAIRS = 32
+RVE_VARIANTS = {  # name suffix -> (RveConfig overrides, what)
+    "rve": ({}, "RVE global + denoise, alpha 0.05, beta 1 (the paper's best)"),
+    "rve-sens": ({"scope": "sensitive"}, "RVE on the sensitive heads only, + denoise"),
+    "rve-nodn": ({"denoise": False}, "RVE global, no denoise mask"),
+    "rve-sens-nodn": ({"scope": "sensitive", "denoise": False},
+                      "RVE on the sensitive heads only, no denoise mask"),
+    "rve-b0.5": ({"beta": 0.5}, "RVE, beta 0.5"),
+    "rve-b2": ({"beta": 2.0}, "RVE, beta 2"),
+    "rve-a0.1": ({"alpha": 0.1}, "RVE, alpha 0.1"),
+    "rve-a0.2": ({"alpha": 0.2}, "RVE, alpha 0.2"),
+}
+
+
+def _rve_arms() -> list[Arm]:
+  return [Arm(f"{stage}+{suffix}", parent=stage, reference=stage, train=False,
+              eval_options={"rve": overrides}, group="RVE: attention enhancement at inference",
+              about=f"{what}, on the `{stage}` run")
+          for stage in ("mash", "baseline") for suffix, (overrides, what) in RVE_VARIANTS.items()]
+
+
 ARMS: dict[str, Arm] = {a.name: a for a in (_ablation_arms() + _regime_arms() + _control_arms()
-                                            + FINE_TUNING)}
+                                            + FINE_TUNING + _rve_arms())}
 
 
 # ------------------------------------------------------------------------------ one run
@@ -177,15 +202,16 @@ def check_finished(arm: Arm, result: dict, path, args) -> dict:
 
 def run_one(arm: Arm, seed: int, args) -> dict:
   """Trains (or resumes) and evaluates one run, after its parent's; writes its result."""
-  from mashvlm_jax.eval import synthetic
   from mashvlm_jax.train import trainer
   workdir = run_dir(args.root, arm.name, seed)
   done = workdir / "result.json"
   if done.exists():
     return check_finished(arm, json.loads(done.read_text()), done, args)
+  if not arm.train:
+    return evaluate_parent(arm, seed, args, done)
   if arm.eval_options:
-    raise NotImplementedError(f"arm {arm.name}: evaluation options {arm.eval_options} "
-                              f"are not supported by this harness yet")
+    raise ValueError(f"arm {arm.name}: evaluation options {arm.eval_options} are for arms "
+                     f"that evaluate their parent (train=False)")
   config = run_config(arm, seed, args)
   if arm.parent:
     run_one(ARMS[arm.parent], seed, args)
@@ -196,23 +222,65 @@ def run_one(arm: Arm, seed: int, args) -> dict:
     raise SystemExit(f"{arm.name} seed {seed}: stopped at step {summary['step']} by SIGTERM;"
                      f" rerun the same command to resume")
   t1 = time.perf_counter()
-  ev = synthetic.evaluate(config, summary["state"].params, str(workdir / "eval"),
-                          max_items=args.eval_items,
-                          probe_splits=("test_typical", "test_unusual"),
-                          probe_tasks=("action",), show_progress=False)
-  binary, labels = ev["binary"], ev["labels"]
+  scores = evaluate_run(config, summary["state"].params, workdir / "eval", args)
   result = {"arm": arm.name, "seed": seed, "steps": summary["step"],
             "parent": arm.parent, "overrides": arm.overrides,
             "train_metrics": summary["metrics"], "train_s": t1 - t0,
-            "eval_s": time.perf_counter() - t1, "eval_items": args.eval_items,
-            "binary": {k: binary[k] for k in ("columns", "average", "controls", "counts",
-                                              "question_accuracy")},
-            "labels": {k: labels[k] for k in ("accuracy", "counts",
-                                              "hallucinated_action_rate")}}
+            "eval_s": time.perf_counter() - t1, "eval_items": args.eval_items, **scores}
+  return write_result(done, result)
+
+
+def evaluate_run(config, params, out_dir, args) -> dict:
+  """The study's scores of one model: UNSCENE binary and the action probe."""
+  from mashvlm_jax.eval import synthetic
+  ev = synthetic.evaluate(config, params, str(out_dir), max_items=args.eval_items,
+                          probe_splits=("test_typical", "test_unusual"),
+                          probe_tasks=("action",), show_progress=False)
+  binary, labels = ev["binary"], ev["labels"]
+  return {"binary": {k: binary[k] for k in ("columns", "average", "controls", "counts",
+                                            "question_accuracy")},
+          "labels": {k: labels[k] for k in ("accuracy", "counts",
+                                            "hallucinated_action_rate")}}
+
+
+def write_result(done: pathlib.Path, result: dict) -> dict:
   tmp = done.with_suffix(".tmp")
   tmp.write_text(json.dumps(result, indent=2) + "\n")
   tmp.rename(done)  # a result file exists only for a finished, scored run
   return result
+
+
+def evaluate_parent(arm: Arm, seed: int, args, done: pathlib.Path) -> dict:
+  """An arm without training: its parent's run of this seed, evaluated with the arm's
+  evaluation options (``rve``: RveConfig overrides of the parent's heads file)."""
+  from mashvlm_jax.analysis import rve, rve_heads
+  from mashvlm_jax.eval import common
+  from mashvlm_jax.model.config import ModelConfig
+  unknown = sorted(set(arm.eval_options) - {"rve"})
+  if not arm.parent or unknown:
+    raise ValueError(f"arm {arm.name}: an arm without training needs a parent and knows the "
+                     f"evaluation options ['rve'], found parent {arm.parent}, {unknown}")
+  parent = ARMS[arm.parent]
+  parent_result = run_one(parent, seed, args)
+  parent_dir = run_dir(args.root, parent.name, seed)
+  config = run_config(parent, seed, args)
+  params = common.load_params(config, str(parent_dir))
+  t0 = time.perf_counter()
+  heads = parent_dir / "rve_heads.json"
+  if not heads.exists():
+    rve_heads.write_heads_file(config, params, heads, pairs=RVE_HEAD_PAIRS,
+                               checkpoint=str(parent_dir))
+  enhancement = rve.load(heads, ModelConfig.from_dict(config.model),
+                         **arm.eval_options["rve"])
+  with common.attention_enhancement(enhancement):
+    scores = evaluate_run(config, params, run_dir(args.root, arm.name, seed) / "eval", args)
+  result = {"arm": arm.name, "seed": seed, "steps": parent_result["steps"],
+            "parent": parent.name, "overrides": arm.overrides,
+            "eval_options": arm.eval_options, "rve": enhancement.describe(),
+            "heads_file": str(heads), "train_metrics": parent_result["train_metrics"],
+            "train_s": 0.0, "eval_s": time.perf_counter() - t0,
+            "eval_items": args.eval_items, **scores}
+  return write_result(done, result)
 
 
 def collect(root, arm_names, seeds) -> dict:

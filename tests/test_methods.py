@@ -52,14 +52,14 @@ def study(tmp_path, *extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("PYTEST_CURRENT_TEST", None)
   return subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--arms=mash,mash+mix",
+      [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--arms=mash,mash+mix,mash+rve-b2",
        "--seeds=0", "--steps=3", "--eval_items=2", "--builder_config=tiny",
        f"--root={tmp_path / 'runs'}", f"--data_dir={tmp_path / 'data'}",
        f"--doc={tmp_path / 'methods.md'}", *extra],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_two_arms_with_a_fine_tuning_arm(tmp_path):
+def test_arms_that_fine_tune_and_that_only_evaluate(tmp_path):
   out = study(tmp_path)
   assert out.returncode == 0, out.stderr[-4000:]
   runs = tmp_path / "runs"
@@ -71,6 +71,16 @@ def test_two_arms_with_a_fine_tuning_arm(tmp_path):
   tuned = json.loads((runs / "mash+mix" / "seed0" / "config.json").read_text())
   assert tuned["init_from"] == str(runs / "mash" / "seed0")
   assert tuned["total_steps"] == 3
+  # the RVE arm: no training, the stage-1 run evaluated with its heads file and beta 2
+  enhanced = json.loads((runs / "mash+rve-b2" / "seed0" / "result.json").read_text())
+  assert enhanced["parent"] == "mash" and enhanced["train_s"] == 0.0
+  assert enhanced["rve"]["beta"] == 2.0 and enhanced["rve"]["scope"] == "global"
+  heads = json.loads((runs / "mash" / "seed0" / "rve_heads.json").read_text())
+  assert len(heads["pairs"]) == methods.RVE_HEAD_PAIRS
+  assert enhanced["rve"]["layers"] == heads["layers"]
+  assert (runs / "mash" / "seed0" / "rve_heads.png").exists()
+  assert not (runs / "mash+rve-b2" / "seed0" / "checkpoints").exists()
+  assert enhanced["train_metrics"] == results["mash"]["train_metrics"]
   doc = (tmp_path / "methods.md").read_text()
   assert "Status: complete" in doc
   assert "| `mash` | 1 |" in doc and "| `mash+mix` | 1 |" in doc
@@ -88,7 +98,8 @@ def test_two_arms_with_a_fine_tuning_arm(tmp_path):
   # a missing seed shows as PARTIAL, naming the missing runs
   out = study(tmp_path, "--seeds=0,1", "--render_only")
   assert out.returncode == 0, out.stderr[-4000:]
-  assert "PARTIAL: 2 of 4 runs finished; missing: mash/seed1, mash+mix/seed1" in (
+  assert ("PARTIAL: 3 of 6 runs finished; missing: mash/seed1, mash+mix/seed1, "
+          "mash+rve-b2/seed1") in (
       tmp_path / "methods.md").read_text()
   assert not pathlib.Path(runs / "mash" / "seed1").exists()
 
