@@ -79,16 +79,25 @@ def ablation_arm(preset: str) -> Arm:
 # answer away?): typical_prob is the share of training clips in the action's typical
 # scene; 0.125 = 1/8 makes the scene independent of the action (the control).
 REGIME_PROBS = (0.125, 0.5, 0.7, 0.9)
+# The settings under which the control reads motion (the control arms below): uniform
+# training negatives and 9000 steps. The regime arms run with and without them.
+REGIME_SETTINGS = {"data.train_negatives": "uniform", "total_steps": 9000}
+REGIME_TAG = "uniformneg+steps9000"
 
 
 def _regime_arms() -> list[Arm]:
   arms = []
-  for preset in ("baseline", "mash"):
-    for prob in REGIME_PROBS:
-      arms.append(Arm(f"{preset}@p{prob}", {"ablation": preset, "data.typical_prob": prob},
-                      reference=None if preset == "baseline" else f"baseline@p{prob}",
-                      group="Regime: share of training clips in the typical scene",
-                      about=f"`{preset}`, typical_prob {prob}"))
+  for tag, settings, group in (
+      ("", {}, "Regime: share of training clips in the typical scene (README settings)"),
+      (f"+{REGIME_TAG}", REGIME_SETTINGS,
+       "Regime at the settings where the control reads motion (uniform negatives, 9000 "
+       "steps)")):
+    for preset in ("baseline", "mash"):
+      for prob in REGIME_PROBS:
+        arms.append(Arm(f"{preset}@p{prob}{tag}",
+                        {"ablation": preset, "data.typical_prob": prob, **settings},
+                        reference=None if preset == "baseline" else f"baseline@p{prob}{tag}",
+                        group=group, about=f"`{preset}`, typical_prob {prob}"))
   return arms
 
 
@@ -100,8 +109,6 @@ CONTROL_VARIANTS = {
     "steps9000": ({"total_steps": 9000}, "6x the steps"),
     "uniformneg": ({"data.train_negatives": "uniform"},
                    "training Yes/No negatives drawn uniformly, not the scene's typical action"),
-    "uniformneg+steps9000": ({"data.train_negatives": "uniform", "total_steps": 9000},
-                             "uniform negatives and 6x the steps"),
     "lr5e-4": ({"optim.lr": 5e-4}, "learning rate 5e-4 instead of 2e-3"),
     "vision": ({"model.freeze_vision": False}, "the tiny vision tower trained"),
     "llm256": ({"model.llm.hidden_size": 256, "model.llm.intermediate_size": 688,
