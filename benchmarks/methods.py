@@ -428,18 +428,21 @@ def write_doc(args, arms: list[Arm], seeds: list, results: dict) -> None:
             f"**PARTIAL: {total - len(missing)} of {total} runs finished; missing: "
             f"{', '.join(missing)}**")
   finished = [r for runs in results.values() for r in runs]
-  train_s = np.mean([r["train_s"] for r in finished]) if finished else 0.0
+  trained = [r["train_s"] for r in finished if r["train_s"]]  # not the evaluation-only arms
+  train_s = np.mean(trained) if trained else 0.0
   eval_s = np.mean([r["eval_s"] for r in finished]) if finished else 0.0
   described = "\n".join(
       f"- `{a.name}`: {a.about or 'see benchmarks/methods.py'}"
-      + (f"; fine-tuned from `{a.parent}` of the same seed" if a.parent else "")
+      + (f"; fine-tuned from `{a.parent}` of the same seed" if a.parent and a.train else "")
+      + (f"; evaluates the `{a.parent}` run of the same seed, no training"
+         if a.parent and not a.train else "")
       + (f"; compared with `{a.reference}`" if a.reference else "") for a in arms)
   text = f"""# Method-comparison study on the synthetic testbed
 
 Status: {status}.
 
-Reproduce (2 CPU cores; mean {train_s:.0f} s training and {eval_s:.0f} s evaluation per
-run here; a rerun skips finished runs and resumes an interrupted one):
+Reproduce (2 CPU cores; mean {train_s:.0f} s training per trained run and {eval_s:.0f} s
+evaluation per run here; a rerun skips finished runs and resumes an interrupted one):
 
 ```
 JAX_PLATFORMS=cpu {' '.join(args.argv)}
