@@ -426,7 +426,8 @@ def write_doc(args, arms: list[Arm], seeds: list, results: dict) -> None:
   total = len(arms) * len(seeds)
   status = ("complete" if not missing else
             f"**PARTIAL: {total - len(missing)} of {total} runs finished; missing: "
-            f"{', '.join(missing)}**")
+            f"{', '.join(missing[:12])}"
+            f"{f' and {len(missing) - 12} more' if len(missing) > 12 else ''}**")
   finished = [r for runs in results.values() for r in runs]
   trained = [r["train_s"] for r in finished if r["train_s"]]  # not the evaluation-only arms
   train_s = np.mean(trained) if trained else 0.0
