@@ -252,6 +252,10 @@ def test_bad_checkpoints_are_named(hf_dirs, tmp_path):
   text = fails("shape", lambda s: s.update({"model.layers.1.self_attn.k_proj.weight": bad}))
   assert "tensor model.layers.1.self_attn.k_proj.weight in model.safetensors: shape [3, 48]" in text
   assert "implies [16, 48]" in text
+  nan = state["model.norm.weight"].clone()
+  nan[[1, 5]] = float("nan")
+  text = fails("nonfinite", lambda s: s.update({"model.norm.weight": nan}))
+  assert "tensor model.norm.weight holds 2 non-finite value(s) (NaN or inf) of 48" in text
   text = fails("missing", lambda s: s.pop("model.norm.weight"))
   assert "missing tensor model.norm.weight (expected shape [48])" in text
   text = fails("extra", lambda s: s.update({"model.layers.0.self_attn.q_norm.weight": bad}))

@@ -203,6 +203,10 @@ def convert_tensors(ckpt, tensors, prefix: str, shapes, as_jax: bool = False) ->
     leaf = np.empty(shape.shape, np.dtype(shape.dtype))
     for t in group:
       value = t.to_jax(ckpt.read(prefix + t.hf))
+      bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+      if bad:  # a corrupt or diverged checkpoint: never import NaN or inf silently
+        raise ConversionError(f"{ckpt.where}: tensor {prefix + t.hf} holds {bad} non-finite "
+                              f"value(s) (NaN or inf) of {value.size}")
       if t.layer is None:
         leaf[...] = value
       else:
