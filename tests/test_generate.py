@@ -233,3 +233,19 @@ def test_stop_strings_cut_the_text(tmp_path):
     generate.Generator(cfg, params=None).generate(
         np.zeros((1, 8, 64, 64, 3), np.uint8), [[2]],
         generate.SamplingParams(stop_strings=("x",)))
+
+
+def test_stop_string_matches_how_a_word_tokenizer_writes_it(tmp_path):
+  from mashvlm_jax.data import tokenizer as tokenizer_lib
+  path = tmp_path / "words.json"
+  tokenizer_lib.save_atomic(tokenizer_lib.build_word_tokenizer(["USER: hi", "yes no"]), path)
+  tok = tokenizer_lib.Tokenizer(str(path), kind="word")
+  assert tok.decode(tok.encode("USER:")) == "user :"  # lower-cased, split at punctuation
+  assert generate.stop_forms(("USER:", "\n", ""), tok) == ("USER:", "\n", "user :")
+  sampling = generate.SamplingParams(max_new_tokens=8, stop_strings=("USER:",))
+  rows = generate._Rows(2, sampling, tok)
+  for word in ("yes", "user", ":", "hi"):
+    rows.add(np.array(tok.encode(word) + tok.encode("no")))
+  assert rows.finish == ["stop", "length"]  # the second row never writes the stop string
+  assert rows.texts() == ["yes ", "no no no no"]
+  assert rows.tokens[0] == tok.encode("yes user :")  # nothing added after the stop

@@ -14,7 +14,8 @@ prompt's last token is enhanced at the prefill and each new token at its step, s
 output equals a full recompute with ``MashVLM(rve=...)`` and ``rve_from`` at the prompt's
 last token.
 
-Rows stop on ``eos_id``, on a stop string (decoded with the tokenizer) or after
+Rows stop on ``eos_id``, on a stop string (in the decoded text, as given or as the
+tokenizer writes it back: ``stop_forms``) or after
 ``max_new_tokens``; the batch stops when every row has.
 
 Two decode loops give the same tokens (the same jitted pieces and the same RNG stream,
@@ -341,11 +342,25 @@ def _check_loop(loop: str) -> str:
   return loop
 
 
+def stop_forms(stop_strings, tokenizer) -> tuple[str, ...]:
+  """Each stop string as given and as ``tokenizer`` writes it back,
+  ``decode(encode(s))``, when that differs: a lower-casing word tokenizer decodes "USER:"
+  as "user :", which the generated text holds instead of "USER:"."""
+  forms = [s for s in stop_strings if s]
+  if hasattr(tokenizer, "encode"):
+    for s in list(forms):
+      ids = tokenizer.encode(s)
+      if ids and tokenizer.decode(ids) not in forms:
+        forms.append(tokenizer.decode(ids))
+  return tuple(form for form in forms if form)
+
+
 class _Rows:
   """Host-side bookkeeping of the generated tokens and each row's stop condition."""
 
   def __init__(self, batch: int, sampling: SamplingParams, tokenizer):
     self.sampling, self.tokenizer = sampling, tokenizer
+    self.stops = stop_forms(sampling.stop_strings, tokenizer)
     self.tokens = [[] for _ in range(batch)]
     self.finish = ["length"] * batch
     self.done = [False] * batch
@@ -363,12 +378,12 @@ class _Rows:
         self.done[row], self.finish[row] = True, "eos"
         continue
       self.tokens[row].append(tok)
-      if self.sampling.stop_strings:
+      if self.stops:
         self._check_stop(row)
 
   def _check_stop(self, row: int) -> None:
     text = self.tokenizer.decode(self.tokens[row])
-    hits = [text.find(s) for s in self.sampling.stop_strings if s and s in text]
+    hits = [text.find(s) for s in self.stops if s in text]
     if hits:
       self.done[row], self.finish[row] = True, "stop"
       self.cut[row] = text[:min(hits)]
