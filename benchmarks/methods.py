@@ -388,6 +388,8 @@ def _comparison(runs, ref_runs, getter) -> str:
   test = welch(_values(runs, getter), _values(ref_runs, getter))
   if test is None:
     return "-"
+  if math.isinf(test["t"]):  # every seed of both arms the same: a t-test says nothing
+    return f"{test['diff']:+.2f} (no spread in either arm, no test)"
   return f"{test['diff']:+.2f} (t={test['t']:.2f}, p={test['p']:.3f})"
 
 

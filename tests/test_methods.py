@@ -46,6 +46,9 @@ def test_welch_by_hand():
   assert abs(test["p"] - t_tail_by_integration(3.5 / math.sqrt(se2), df)) < 1e-6
   assert methods.welch([1.0], b) is None  # one seed: no test
   assert methods.welch([1.0, 1.0], [2.0, 2.0])["p"] == 0.0
+  same = lambda values: [{"v": v} for v in values]  # noqa: E731
+  assert methods._comparison(same([1.0, 1.0]), same([2.0, 2.0]), lambda r: r["v"]) == (
+      "-1.00 (no spread in either arm, no test)")
 
 
 def study(tmp_path, *extra):
