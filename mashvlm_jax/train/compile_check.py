@@ -49,15 +49,19 @@ class Generation:
   cores_per_chip: int  # what the N of "<gen>-N" counts per chip
   chip_config: str  # get_topology_desc chip_config_name
   hbm_gib: float  # HBM per chip usable by programs, GiB
+  hbm_bandwidth: float  # HBM bandwidth per chip, bytes/s
   max_chips: int  # largest "<gen>-N" slice accepted (explicit shapes may go beyond)
   aliases: tuple[str, ...] = ()
 
 
+# HBM bandwidth per chip: the Cloud TPU system architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5p, /v5e, /v6e, "HBM bandwidth"): v4 1200 GBps,
+# v5p 2765 GBps, v5e 819 GBps, v6e 1640 GBps (GB = 1e9 bytes).
 GENERATIONS = {
-    "v4": Generation("v4", 3, 2, "megacore", 32, 4096),
-    "v5p": Generation("v5p", 3, 2, "megacore", 95, 4096),
-    "v5e": Generation("v5e", 2, 1, "default", 16, 256, aliases=("v5litepod",)),
-    "v6e": Generation("v6e", 2, 1, "default", 32, 256),
+    "v4": Generation("v4", 3, 2, "megacore", 32, 1200e9, 4096),
+    "v5p": Generation("v5p", 3, 2, "megacore", 95, 2765e9, 4096),
+    "v5e": Generation("v5e", 2, 1, "default", 16, 819e9, 256, aliases=("v5litepod",)),
+    "v6e": Generation("v6e", 2, 1, "default", 32, 1640e9, 256),
 }
 ACCEPTED_FORMS = ("v4-N / v5p-N (N = TensorCores = 2 x chips: v4-8 .. v4-8192, v5p-8 .. "
                   "v5p-8192)", "v5e-N / v5litepod-N / v6e-N (N = chips: 1, 4, 8, .., 256)",
@@ -96,6 +100,11 @@ class TpuSlice:
   @property
   def hbm_bytes(self) -> int:
     return int(self.generation.hbm_gib * GIB)
+
+  @property
+  def hbm_bandwidth(self) -> float:
+    """HBM bytes/s per chip."""
+    return self.generation.hbm_bandwidth
 
 
 def _generation(name: str) -> Generation:
@@ -247,6 +256,29 @@ class Memory:
                generated_code=int(stats.generated_code_size_in_bytes), hbm=hbm)
 
 
+@dataclasses.dataclass(frozen=True)
+class Cost:
+  """XLA's cost analysis of the compiled step (``compiled.cost_analysis()``). The compiled
+  program is the SPMD-partitioned one that each chip runs, so both numbers are per chip
+  per step, rematerialised recomputation included."""
+  flops: float
+  bytes_accessed: float  # HBM traffic XLA estimates for the program
+
+  @classmethod
+  def from_analysis(cls, analysis) -> "Cost":
+    """From ``compiled.cost_analysis()`` (a dict; older jax: a list of one dict)."""
+    if isinstance(analysis, (list, tuple)):
+      analysis = analysis[0] if analysis else {}
+    analysis = analysis or {}
+    return cls(flops=float(analysis.get("flops", 0.0)),
+               bytes_accessed=float(analysis.get("bytes accessed", 0.0)))
+
+
+def roofline_seconds(cost: Cost, peak_flops: float, hbm_bandwidth: float) -> float:
+  """Per-chip step time bound: max(flops / peak FLOP/s, bytes accessed / HBM bytes/s)."""
+  return max(cost.flops / peak_flops, cost.bytes_accessed / hbm_bandwidth)
+
+
 @dataclasses.dataclass
 class Report:
   """What ``mashvlm compile`` prints. ``memory`` is None when XLA refused the program for
@@ -264,6 +296,9 @@ class Report:
   error: str | None = None
   tpu_kernels: int = 0  # Mosaic custom calls in the lowered step (splash call sites)
   seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+  # XLA's cost analysis per chip; None when XLA refused the program or the layers are
+  # scanned (XLA counts a loop body once: ``depth_probe_cost``)
+  cost: Cost | None = None
 
   @property
   def fits(self) -> bool:
@@ -272,6 +307,22 @@ class Report:
   def step_seconds(self, mfu: float) -> float:
     """Step time if the slice runs at ``mfu`` of its bf16 peak."""
     return self.flops_per_step / (self.tpu.chips * self.peak_flops_per_chip * mfu)
+
+  @property
+  def roofline_seconds(self) -> float | None:
+    """Roofline step time from XLA's per-chip cost (``roofline_seconds``), or None."""
+    if self.cost is None:
+      return None
+    return roofline_seconds(self.cost, self.peak_flops_per_chip, self.tpu.hbm_bandwidth)
+
+  @property
+  def roofline_mfu(self) -> float | None:
+    """Analytic model FLOPs per step over what the slice's peak does in the roofline
+    step time: the MFU that time implies."""
+    seconds = self.roofline_seconds
+    if not seconds:
+      return None
+    return self.flops_per_step / (self.tpu.chips * self.peak_flops_per_chip * seconds)
 
 
 def exit_code(report: Report) -> int:
@@ -406,6 +457,8 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
     return report
   seconds["compile"] = time.perf_counter() - t1
   report.memory = Memory.from_stats(compiled.memory_analysis(), tpu.hbm_bytes)
+  if not setup.model_cfg.scan_layers:  # a scanned stack's loop body is counted once
+    report.cost = Cost.from_analysis(compiled.cost_analysis())
   return report
 
 
@@ -446,4 +499,294 @@ def report_json(report: Report, mfu: float = 0.4) -> dict[str, Any]:
       memory=None if mem is None else dict(dataclasses.asdict(mem), total=mem.total),
       fits=report.fits, error=report.error, tpu_kernels=report.tpu_kernels,
       tflops_per_step=report.flops_per_step / 1e12,
-      mfu=mfu, step_seconds=report.step_seconds(mfu), seconds=report.seconds)
+      mfu=mfu, step_seconds=report.step_seconds(mfu), seconds=report.seconds,
+      xla_cost_per_chip=None if report.cost is None else dataclasses.asdict(report.cost),
+      hbm_bandwidth=report.tpu.hbm_bandwidth, roofline_seconds=report.roofline_seconds,
+      roofline_mfu=report.roofline_mfu)
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def parse_value(text: str, like=None):
+  """A sweep value as a config override reads it: the type of the field's current value
+  ``like`` (bool: true/false, int, float, str); for a field holding None, true/false,
+  none, an int, a float, else the string."""
+  text = text.strip()
+  if isinstance(like, bool) or (like is None and text.lower() in ("true", "false")):
+    if text.lower() not in ("true", "false"):
+      raise ValueError(f"{text!r} is not true or false")
+    return text.lower() == "true"
+  if isinstance(like, str):
+    return text
+  if like is None and text.lower() in ("none", "null"):
+    return None
+  kinds = (int,) if isinstance(like, int) else (float,) if isinstance(like, float) else (
+      int, float)
+  for kind in kinds:
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  if like is None:
+    return text
+  raise ValueError(f"{text!r} is not {'an int' if kinds == (int,) else 'a number'}")
+
+
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+  """'model.remat_policy=none,dots,full' -> ('model.remat_policy', ['none', 'dots', 'full'])
+  (values as written; ``with_value`` types them)."""
+  key, sep, values = text.partition("=")
+  items = [v.strip() for v in values.split(",") if v.strip()]
+  if not sep or not re.fullmatch(r"[A-Za-z_][\w.]*", key.strip()) or not items:
+    raise ValueError(f"--sweep {text!r} is not KEY=V1,V2,..., e.g. "
+                     f"--sweep=model.remat_policy=none,dots,full")
+  return key.strip(), items
+
+
+def with_value(config: ml_collections.ConfigDict, key: str,
+               text: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with the dotted ``key`` set to ``text`` parsed as its current
+  type (``parse_value``; references such as data.text_len -> text_len kept); a ValueError
+  names the key when the config lacks it or the value does not parse."""
+  import copy
+  config = copy.deepcopy(config)
+  node, parts = config, key.split(".")
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = ".".join(parts[:i]) or "the config"
+      known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) \
+          else "(not a section)"
+      raise ValueError(f"--sweep key {key!r}: {where} has no {part!r} (keys: {known})")
+    if i < len(parts) - 1:
+      node = node[part]
+  current = node[parts[-1]]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ValueError(f"--sweep key {key!r} is a section, not a value")
+  try:
+    setattr(node, parts[-1], parse_value(text, current))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"--sweep {key}={text}: {e} (current value {current!r})") from None
+  return config
+
+
+def variant_label(setting: Mapping[str, Any]) -> str:
+  return " ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def sweep_variants(config: ml_collections.ConfigDict, sweeps: list[tuple[str, list]]
+                   ) -> list[tuple[dict, ml_collections.ConfigDict]]:
+  """Every combination of the sweep values (one key: its values in order), each as
+  (setting, config with the training defaults filled and the setting applied). The model
+  section of each is validated here, so a bad value fails before anything compiles."""
+  import itertools
+  from mashvlm_jax.model.config import ModelConfig
+  base = defaults.training_defaults(config)
+  keys = [k for k, _ in sweeps]
+  if len(set(keys)) != len(keys):
+    raise ValueError(f"--sweep names a key twice: {keys}")
+  out = []
+  for values in itertools.product(*(v for _, v in sweeps)):
+    setting = dict(zip(keys, values))
+    variant = base
+    for key, value in setting.items():
+      variant = with_value(variant, key, value)
+    try:
+      ModelConfig.from_dict(variant.model).validate()
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"--sweep variant {variant_label(setting)}: {e}") from None
+    out.append((setting, variant))
+  return out
+
+
+def probe_config(config: ml_collections.ConfigDict, llm_layers: int,
+                 vision_layers: int | None) -> ml_collections.ConfigDict:
+  """``config`` unrolled (scan_layers False) at ``llm_layers`` decoder layers and, unless
+  None, a vision tower that runs ``vision_layers`` layers (feature_layer = num_layers)."""
+  import copy
+  config = copy.deepcopy(config)
+  config.model.scan_layers = False
+  config.model.llm.num_layers = llm_layers
+  if vision_layers is not None:
+    config.model.vision.num_layers = vision_layers
+    config.model.vision.feature_layer = vision_layers
+  return config
+
+
+def extrapolate_cost(base: Cost, deeper_llm: Cost, deeper_vision: Cost | None,
+                     llm_layers: int, vision_layers: int) -> Cost:
+  """Cost at full depth, linear in depth: base is (1, 1) layers (or (1, 0) without
+  vision layers), deeper_llm one more decoder layer, deeper_vision one more vision layer."""
+  def at_depth(field):
+    value = getattr(base, field) + (llm_layers - 1) * (
+        getattr(deeper_llm, field) - getattr(base, field))
+    if deeper_vision is not None:
+      value += (vision_layers - 1) * (getattr(deeper_vision, field) - getattr(base, field))
+    return value
+  return Cost(flops=at_depth("flops"), bytes_accessed=at_depth("bytes_accessed"))
+
+
+def depth_probe_cost(config: ml_collections.ConfigDict, topology: str, *,
+                     attention_backend: str | None, mesh: Mapping[str, int] | None,
+                     devices=None) -> Cost:
+  """XLA's cost of ``config``'s step as if its layers were unrolled. XLA's cost analysis
+  counts a while loop's body once, so a scanned layer stack (scan_layers True) reports one
+  layer; this compiles the step unrolled at 1 and 2 decoder layers (and 1 and 2 vision
+  layers when the tower runs any) and extrapolates linearly to the config's depth."""
+  from mashvlm_jax.model.config import ModelConfig
+  cfg = ModelConfig.from_dict(config.model)
+  vision_layers = cfg.vision.layers_to_run
+  probes = [(1, 1 if vision_layers else None), (2, 1 if vision_layers else None)]
+  if vision_layers > 1:
+    probes.append((1, 2))
+  costs = []
+  for llm_layers, vis in probes:
+    report = check(probe_config(config, llm_layers, vis), topology,
+                   attention_backend=attention_backend, mesh=mesh, devices=devices)
+    if report.cost is None:
+      raise RuntimeError(f"depth probe ({llm_layers} decoder, {vis} vision layers) was "
+                         f"refused by XLA: {report.error}")
+    costs.append(report.cost)
+  deeper_vision = costs[2] if len(costs) > 2 else None
+  return extrapolate_cost(costs[0], costs[1], deeper_vision, cfg.llm.num_layers,
+                          vision_layers)
+
+
+@dataclasses.dataclass
+class SweepRow:
+  """One variant of a sweep: its setting and report, or the error that stopped it."""
+  setting: dict[str, Any]
+  report: Report | None = None
+  error: str | None = None
+  cost_source: str = "compiled step"
+  fastest: bool = False
+
+  @property
+  def label(self) -> str:
+    return variant_label(self.setting)
+
+
+def mark_fastest(rows: list[SweepRow]) -> SweepRow | None:
+  """Sets ``fastest`` on the fitting row with the smallest roofline step time."""
+  fitting = [r for r in rows if r.report is not None and r.report.fits
+             and r.report.roofline_seconds is not None]
+  for row in rows:
+    row.fastest = False
+  if not fitting:
+    return None
+  best = min(fitting, key=lambda r: r.report.roofline_seconds)
+  best.fastest = True
+  return best
+
+
+def run_variants(variants, topology: str, *, attention_backend: str | None,
+                 mesh: Mapping[str, int] | None, echo_error, devices=None) -> list[SweepRow]:
+  """Compiles every (setting, config) with ``check``; a variant that fails to build or
+  compile becomes a row with its error (named by the variant), never the end of the
+  sweep. A missing libtpu (TopologyError) stops it."""
+  rows = []
+  for setting, variant in variants:
+    row = SweepRow(setting)
+    backend = None if "model.attention_backend" in setting else attention_backend
+    try:
+      row.report = check(variant, topology, attention_backend=backend, mesh=mesh,
+                         devices=devices)
+      if row.report.memory is not None and variant.model.get("scan_layers", True):
+        row.report.cost = depth_probe_cost(variant, topology, attention_backend=backend,
+                                           mesh=mesh, devices=devices)
+        row.cost_source = "unrolled 1-2 layer probes, linear in depth"
+    except TopologyError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:500]}"
+      echo_error(f"mashvlm compile --sweep: variant {row.label}: {row.error}")
+    rows.append(row)
+  mark_fastest(rows)
+  return rows
+
+
+def format_sweep(rows: list[SweepRow]) -> str:
+  """The sweep as a markdown table: per-chip memory, XLA's per-chip cost, the roofline
+  step time and the MFU it implies."""
+  head = ("| variant | fits | total GiB | args GiB | temps GiB | HBM GiB | XLA TFLOP/chip | "
+          "XLA GB accessed/chip | compute s | HBM s | roofline s/step | MFU | |")
+  lines = [head, "|" + "---|" * head.count(" |")]
+  for row in rows:
+    r = row.report
+    if r is None:
+      lines.append(f"| {row.label} | error | {row.error} |" + " |" * 10)
+      continue
+    hbm = f"{r.tpu.generation.hbm_gib:g}"
+    if r.memory is None:
+      mem = "- | - | - (XLA: out of memory)"
+    else:
+      m = r.memory
+      mem = f"{m.total / GIB:.2f} | {m.arguments / GIB:.2f} | {m.temporaries / GIB:.2f}"
+    if r.cost is None:
+      cost = "- | - | - | - | - | -"
+    else:
+      c = r.cost
+      cost = (f"{c.flops / 1e12:.4g} | {c.bytes_accessed / 1e9:.4g} | "
+              f"{c.flops / r.peak_flops_per_chip:.4g} | "
+              f"{c.bytes_accessed / r.tpu.hbm_bandwidth:.4g} | {r.roofline_seconds:.4g} | "
+              f"{100 * r.roofline_mfu:.1f}%")
+    mark = "**fastest that fits**" if row.fastest else ""
+    lines.append(f"| {row.label} | {'yes' if r.fits else 'NO'} | {mem} | {hbm} | {cost} | "
+                 f"{mark} |")
+  first = next((row.report for row in rows if row.report is not None), None)
+  if first is not None:
+    t = first.tpu
+    lines.append("")
+    lines.append(
+        f"{t.accelerator_type} ({t.chips} chips): peak {first.peak_flops_per_chip / 1e12:g} "
+        f"TFLOP/s and HBM {t.hbm_bandwidth / 1e9:g} GB/s per chip. XLA's cost analysis is "
+        f"per chip per step (remat recomputation included); roofline = max(FLOPs / peak, "
+        f"bytes / HBM bandwidth); MFU = analytic model FLOPs (train/flops.py, "
+        f"{first.flops_per_step / 1e12:,.4g} TFLOP/step for the first variant) / (chips x "
+        f"peak x roofline).")
+    sources = sorted({row.cost_source for row in rows if row.report is not None})
+    lines.append("Cost from: " + "; ".join(sources) + ".")
+  return "\n".join(lines)
+
+
+def sweep_json(rows: list[SweepRow], mfu: float = 0.4) -> dict[str, Any]:
+  out = []
+  for row in rows:
+    item = dict(variant=row.label, setting=row.setting, error=row.error,
+                fastest=row.fastest, cost_source=row.cost_source)
+    r = row.report
+    if r is not None:
+      item.update(report_json(r, mfu))
+    out.append(item)
+  return dict(rows=out)
+
+
+def sweep_exit_code(rows: list[SweepRow]) -> int:
+  """2 when a variant failed to build or compile, else 0 when one fits, 1 otherwise."""
+  if any(row.error for row in rows):
+    return 2
+  return 0 if any(row.report.fits for row in rows) else 1
+
+
+def run_sweep(config: ml_collections.ConfigDict, topology: str, sweep_texts: list[str], *,
+              mesh_text: str | None = None, attention_backend: str | None = "splash",
+              mfu: float = 0.4, json_path: str | None = None, echo=print,
+              echo_error=None, devices=None) -> int:
+  """``mashvlm compile --sweep=KEY=V1,V2,..`` (repeat for a grid): compiles every variant
+  for ``topology``, prints the markdown table (``format_sweep``), optionally the JSON;
+  exit status ``sweep_exit_code``, or 2 for bad arguments (before any compile)."""
+  echo_error = echo_error or (lambda line: print(line, file=sys.stderr, flush=True))
+  try:
+    mesh = parse_mesh(mesh_text) if mesh_text else None
+    parse_topology(topology)
+    variants = sweep_variants(config, [parse_sweep(t) for t in sweep_texts])
+    rows = run_variants(variants, topology, attention_backend=attention_backend, mesh=mesh,
+                        echo_error=echo_error, devices=devices)
+  except (ValueError, TopologyError) as e:
+    echo_error(f"mashvlm compile: {e}")
+    return 2
+  echo(format_sweep(rows))
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(sweep_json(rows, mfu), f, indent=2)
+  return sweep_exit_code(rows)
