@@ -256,6 +256,9 @@ def test_bad_checkpoints_are_named(hf_dirs, tmp_path):
   nan[[1, 5]] = float("nan")
   text = fails("nonfinite", lambda s: s.update({"model.norm.weight": nan}))
   assert "tensor model.norm.weight holds 2 non-finite value(s) (NaN or inf) of 48" in text
+  params, _ = hf_import.import_hf(tmp_path / "nonfinite", root / "clip", cfg,
+                                  allow_nonfinite=True)  # on request, imported as it is
+  assert np.isnan(params["language_model"]["norm"]["scale"]).sum() == 2
   text = fails("missing", lambda s: s.pop("model.norm.weight"))
   assert "missing tensor model.norm.weight (expected shape [48])" in text
   text = fails("extra", lambda s: s.update({"model.layers.0.self_attn.q_norm.weight": bad}))

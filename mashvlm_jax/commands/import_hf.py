@@ -33,6 +33,8 @@ _SEED = flags.DEFINE_integer("seed", None, "Projector init seed (default: config
 _ADOPT = flags.DEFINE_bool("adopt_hf_config", False,
                            "Take the LLM and vision architecture from the HF config.json files "
                            "instead of requiring the config to agree with them.")
+_NONFINITE = flags.DEFINE_bool("allow_nonfinite", False,
+                               "Import weights that hold NaN or inf (refused by default).")
 _PICKLE = flags.DEFINE_bool("allow_pickle", False,
                             "Accept pytorch_model.bin / .pt pickles (loaded with "
                             "torch.load(weights_only=True)).")
@@ -66,7 +68,7 @@ def main(argv):
     params, cfg = hf_import.import_hf(
         _LLM.value, _VISION.value, cfg, projector_file=_PROJECTOR.value,
         seed=seed if _SEED.value is None else _SEED.value, allow_pickle=_PICKLE.value,
-        adopt_hf_config=_ADOPT.value, as_jax=True)
+        adopt_hf_config=_ADOPT.value, as_jax=True, allow_nonfinite=_NONFINITE.value)
     t1 = time.perf_counter()
     params_io.save_params(out, params, cfg, overwrite=_OVERWRITE.value)
   except (ConversionError, FileExistsError, ValueError) as e:

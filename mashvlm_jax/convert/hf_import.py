@@ -187,7 +187,8 @@ def check_tensors(ckpt, tower: str, tensors, prefix: str, ignore=()) -> None:
     raise ConversionError(f"{ckpt.where} ({tower}):\n  " + "\n  ".join(problems))
 
 
-def convert_tensors(ckpt, tensors, prefix: str, shapes, as_jax: bool = False) -> dict:
+def convert_tensors(ckpt, tensors, prefix: str, shapes, as_jax: bool = False,
+                    allow_nonfinite: bool = False) -> dict:
   """A tree shaped like ``shapes`` (leaves with .shape/.dtype), filled one tensor at a time.
 
   Each leaf is preallocated and filled layer by layer. With ``as_jax`` a finished leaf is
@@ -203,10 +204,11 @@ def convert_tensors(ckpt, tensors, prefix: str, shapes, as_jax: bool = False) ->
     leaf = np.empty(shape.shape, np.dtype(shape.dtype))
     for t in group:
       value = t.to_jax(ckpt.read(prefix + t.hf))
-      bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+      bad = 0 if allow_nonfinite else int(value.size - np.count_nonzero(np.isfinite(value)))
       if bad:  # a corrupt or diverged checkpoint: never import NaN or inf silently
         raise ConversionError(f"{ckpt.where}: tensor {prefix + t.hf} holds {bad} non-finite "
-                              f"value(s) (NaN or inf) of {value.size}")
+                              f"value(s) (NaN or inf) of {value.size}; --allow_nonfinite "
+                              f"imports it anyway")
       if t.layer is None:
         leaf[...] = value
       else:
@@ -257,7 +259,8 @@ def fresh_projector(cfg, seed: int) -> dict:
 
 
 def import_hf(llm_dir, vision_dir, cfg, *, projector_file=None, seed: int = 0,
-              allow_pickle: bool = False, adopt_hf_config: bool = False, as_jax: bool = False):
+              allow_pickle: bool = False, adopt_hf_config: bool = False, as_jax: bool = False,
+              allow_nonfinite: bool = False):
   """(params, ModelConfig) from HF LLaMA and CLIP directories and an optional projector.
 
   ``cfg`` supplies everything HF configs do not (frames, RoPE mode, mask, projector kind,
@@ -287,7 +290,8 @@ def import_hf(llm_dir, vision_dir, cfg, *, projector_file=None, seed: int = 0,
   ignore = {"language_model": (r"lm_head\.weight",) if cfg.llm.tie_word_embeddings else ()}
   plans = {tower: check_tower(tower, ckpt, shapes[tower], ignore.get(tower, ()))
            for tower, ckpt in sources.items()}  # check everything before converting
-  params = {tower: convert_tensors(sources[tower], *plans[tower], shapes[tower], as_jax)
+  params = {tower: convert_tensors(sources[tower], *plans[tower], shapes[tower], as_jax,
+                                   allow_nonfinite)
             for tower in sources}
   if "projector" not in params:
     params["projector"] = fresh_projector(cfg, seed)
