@@ -10,21 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from mashvlm_jax.data import buckets, pipeline, registry
+from mashvlm_jax.data import buckets, pipeline
 from mashvlm_jax.train import checkpoint
+from test_data_pipeline import config  # noqa: F401  (fixture: the tiny set, built, batch 8)
 
 BUCKETS = (16, 20, 32)  # the tiny set's rows hold 12..27 tokens (text_len 32)
 TEXT_KEYS = ("text_ids", "text_mask", "labels", "label_mask")
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-  config = load_config("tiny_synthetic")
-  config.data.data_dir = str(tmp_path_factory.mktemp("data"))
-  config.data.builder_config = "tiny"
-  config.data.batch_size = 8
-  registry.ensure_built(config)
-  return config
 
 
 def with_buckets(config, value=BUCKETS, **data):
