@@ -133,12 +133,8 @@ def plot_ars(table, path, *, sensitive=None, insensitive=None, layers=(), title:
     heat.set_xticks(range(num_heads))
   mean.barh(range(num_layers), table.mean(axis=1), color="tab:blue")
   mean.set_xlabel("mean ARS")
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(str(path))
-  plt.close(fig)
-  return str(path)
+  from mashvlm_jax.eval.plots import save_figure
+  return save_figure(fig, path, title)
 
 
 def layers_by_score(table) -> list[int]:

@@ -353,10 +353,8 @@ def plot_task(rows: Sequence[dict], task: str, tertiles, path) -> str:
   ax.set_ylabel("QA rows")
   ax.set_title(f"{task}: {len(rows)} rows (dashed: tertile cuts)", fontsize=9)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(str(path))
-  plt.close(fig)
-  return str(path)
+  from mashvlm_jax.eval.plots import save_figure
+  return save_figure(fig, path)
 
 
 def write_summary(out_dir, summary: dict, rows: Sequence[dict]) -> dict:

@@ -74,6 +74,13 @@ def plot_mass(masses: dict[str, dict], path, title: str = "") -> str:
   axes[0][0].set_ylabel("attention mass")
   axes[0][0].set_ylim(0, 1)
   axes[0][-1].legend(fontsize=8)
+  return save_figure(fig, path, title)
+
+
+def save_figure(fig, path, title: str = "") -> str:
+  """Writes a matplotlib figure (with ``title`` as its suptitle) to ``path`` as laid out
+  by tight_layout, closes it, and returns the path (the project's plots share this)."""
+  import matplotlib.pyplot as plt
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
