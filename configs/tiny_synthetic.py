@@ -58,6 +58,9 @@ def get_config(arg=None):
       # train: labels of the Yes/No "No" questions: "typical" (the hallucination candidates,
       # as the UNSCENE test duals) | "uniform" (any other label; data/tasks/train_mix.py)
       train_negatives="typical",
+      # train: extra task families added to every clip's rows (data/tasks/families.py),
+      # e.g. ("utr",); their rows join the one-row-per-visit draw
+      train_tasks=(),
       seed=0,  # data generation seed (the shuffle seed is config.seed)
       train_split="train",
       eval_splits=("test_typical", "test_unusual", "test_scene_only"),

@@ -23,13 +23,14 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from mashvlm_jax.data import annotations, synthetic, tokenizer, video
 from mashvlm_jax.data.chat import ChatTemplate
-from mashvlm_jax.data.tasks import open_ended, train_mix, unscene_binary, vocabulary
+from mashvlm_jax.data.tasks import families, open_ended, train_mix, unscene_binary, vocabulary
 
 log = logging.getLogger("mashvlm.data")
 
@@ -127,13 +128,19 @@ def vocabulary_fingerprint() -> str:
   return tokenizer.vocabulary_fingerprint(vocabulary_tokens())
 
 
-def synthetic_questions(spec: synthetic.ClipSpec, train_negatives: str = "typical") -> list[dict]:
+def synthetic_questions(spec: synthetic.ClipSpec, train_negatives: str = "typical",
+                        train_tasks: Sequence[str] = (),
+                        ctx: families.BuildContext | None = None) -> list[dict]:
   """train: the training mixture (its "No" labels per ``train_negatives``,
-  train_mix.questions); test splits: UNSCENE binary duals, the open-ended description and
-  the short action/scene questions."""
+  train_mix.questions), then the rows of each family in ``train_tasks`` (families.py;
+  ``ctx`` required with them); test splits: UNSCENE binary duals, the open-ended
+  description and the short action/scene questions."""
   rng = spec.rng(synthetic.QUESTIONS)
   if spec.split == "train":
-    return train_mix.questions(spec.action, spec.scene, rng, train_negatives)
+    rows = train_mix.questions(spec.action, spec.scene, rng, train_negatives)
+    if train_tasks:
+      rows += families.family_rows(train_tasks, spec, spec.rng(synthetic.TASKS), ctx)
+    return rows
   short = [q for q in train_mix.questions(spec.action, spec.scene, rng)
            if q["task"] in ("action", "scene")]
   return (unscene_binary.questions(spec.action, spec.scene, rng)
@@ -141,9 +148,12 @@ def synthetic_questions(spec: synthetic.ClipSpec, train_negatives: str = "typica
 
 
 def synthetic_example(spec: synthetic.ClipSpec, num_frames: int, size: int,
-                      train_negatives: str = "typical") -> dict:
+                      train_negatives: str = "typical", train_tasks: Sequence[str] = (),
+                      seed: int = 0) -> dict:
+  ctx = families.BuildContext(num_frames=num_frames, size=size, seed=seed)
   return example(id=spec.id, frames=synthetic.render_clip(spec, num_frames, size, size),
-                 qa=synthetic_questions(spec, train_negatives), task="synthetic", kind=spec.kind,
+                 qa=synthetic_questions(spec, train_negatives, train_tasks, ctx),
+                 task="synthetic", kind=spec.kind,
                  action=spec.action, scene=spec.scene)
 
 
@@ -158,6 +168,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   train_size: int = 0  # 0 = the preset's
   test_size: int = 0  # clips per test split; 0 = the preset's
   train_negatives: str = "typical"  # train_mix.NEGATIVES
+  train_tasks: tuple = ()  # extra task families of the train split (tasks/families.py)
   vocabulary: str = ""  # fingerprint of the word vocabulary the data is built with
 
   @property
@@ -172,7 +183,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 def synthetic_config(preset: str = "default", num_frames: int = 8, size: int = 64,
                      typical_prob: float = 0.9, scene_only_share: float = 0.05,
                      seed: int = 0, train_size: int = 0, test_size: int = 0,
-                     train_negatives: str = "typical") -> SyntheticConfig:
+                     train_negatives: str = "typical",
+                     train_tasks: Sequence[str] = ()) -> SyntheticConfig:
   """A config whose name spells every parameter and ends in the word vocabulary's
   fingerprint (``_v<12 hex>``), so data built with other parameters or another vocabulary
   never share a directory."""
@@ -181,6 +193,7 @@ def synthetic_config(preset: str = "default", num_frames: int = 8, size: int = 6
   if train_negatives not in train_mix.NEGATIVES:
     raise ValueError(f"data.train_negatives must be one of {train_mix.NEGATIVES}, found "
                      f"{train_negatives!r}")
+  train_tasks = families.check_train_tasks(train_tasks)
   if num_frames < 2 or size < 8 or train_size < 0 or test_size < 0:
     raise ValueError(f"synthetic data needs num_frames >= 2, size >= 8 and sizes >= 0, found "
                      f"{num_frames}, {size}, {train_size}, {test_size}")
@@ -190,12 +203,15 @@ def synthetic_config(preset: str = "default", num_frames: int = 8, size: int = 6
     name += f"_n{train_size}_{test_size}"
   if train_negatives != "typical":  # the default keeps the names of existing data
     name += f"_neg{train_negatives}"
+  if train_tasks:
+    name += "_tasks-" + "-".join(train_tasks)
   fingerprint = vocabulary_fingerprint()
   return SyntheticConfig(name=f"{name}_v{fingerprint}", preset=preset, num_frames=num_frames,
                          size=size, typical_prob=typical_prob,
                          scene_only_share=scene_only_share, seed=seed,
                          train_size=train_size, test_size=test_size,
-                         train_negatives=train_negatives, vocabulary=fingerprint,
+                         train_negatives=train_negatives, train_tasks=train_tasks,
+                         vocabulary=fingerprint,
                          description=f"synthetic UNSCENE, {preset} sizes, word vocabulary "
                                      f"{fingerprint}")
 
@@ -225,7 +241,8 @@ class SyntheticUnscene(BuildReport, tfds.core.GeneratorBasedBuilder):
                                  typical_prob=cfg.typical_prob,
                                  scene_only_share=cfg.scene_only_share)
     for spec in specs:
-      yield spec.id, synthetic_example(spec, cfg.num_frames, cfg.size, cfg.train_negatives)
+      yield spec.id, synthetic_example(spec, cfg.num_frames, cfg.size, cfg.train_negatives,
+                                       cfg.train_tasks, cfg.seed)
       self.count_records(1)
 
   def _download_and_prepare(self, dl_manager, download_config):

@@ -29,6 +29,7 @@ import numpy as np
 
 from mashvlm_jax.data import buckets as buckets_lib
 from mashvlm_jax.data import chat, frames as frames_lib, registry, row_filter
+from mashvlm_jax.data.tasks import families
 from mashvlm_jax.data.registry import ensure_built  # noqa: F401  (the trainer's entry)
 
 log = logging.getLogger("mashvlm.data")
@@ -98,9 +99,11 @@ class ExampleTransform:
     return np.ascontiguousarray(video, np.uint8)
 
   def turns(self, qa: list, rng: np.random.Generator) -> list:
+    """The visit's QA turns (one drawn, or all), each re-rendered for this visit
+    (tasks/families.render_visit: shuffled options, masked words)."""
     if self.qa_mode == "sample":
-      return [qa[int(rng.integers(len(qa)))]]
-    return qa
+      qa = [qa[int(rng.integers(len(qa)))]]
+    return [families.render_visit(row, rng) for row in qa]
 
   def text(self, record: dict, rng: np.random.Generator) -> tuple[dict, dict]:
     """(text arrays of the row, truncation report) for a decoded record. Draws the QA

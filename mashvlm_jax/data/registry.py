@@ -77,7 +77,8 @@ def builder(config):
     cfg = builders.synthetic_config(d.builder_config, frames, size, float(d.typical_prob),
                                     float(d.scene_only_share), int(d.seed),
                                     int(d.get("train_size", 0)), int(d.get("test_size", 0)),
-                                    str(d.get("train_negatives", "typical")))
+                                    str(d.get("train_negatives", "typical")),
+                                    tuple(d.get("train_tasks", ())))
     known = {c.name for c in builders.SyntheticUnscene.BUILDER_CONFIGS}
     return builders.SyntheticUnscene(config=cfg.name if cfg.name in known else cfg, **common)
   if d.name == "local_video_qa":

@@ -37,7 +37,7 @@ SPLITS = ("train", "test_typical", "test_unusual", "test_scene_only")
 KINDS = ("typical", "unusual", "scene_only")
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 # Independent random streams per clip: labels, appearance, motion, scene, questions.
-_LABELS, _APPEARANCE, _MOTION, _SCENE, QUESTIONS = range(5)
+_LABELS, _APPEARANCE, _MOTION, _SCENE, QUESTIONS, TASKS = range(6)
 
 
 @dataclasses.dataclass(frozen=True)
