@@ -207,6 +207,12 @@ def check_finished(arm: Arm, result: dict, path, args) -> dict:
   return result
 
 
+def latest_step(checkpoints: pathlib.Path) -> int:
+  """The highest step directory under a trainer's checkpoints/ (0 when there is none)."""
+  steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
+  return max(steps, default=0)
+
+
 def run_one(arm: Arm, seed: int, args) -> dict:
   """Trains (or resumes) and evaluates one run, after its parent's; writes its result."""
   from mashvlm_jax.train import trainer
@@ -223,6 +229,7 @@ def run_one(arm: Arm, seed: int, args) -> dict:
   if arm.parent:
     run_one(ARMS[arm.parent], seed, args)
     config.init_from = str(run_dir(args.root, arm.parent, seed))
+  start_step = latest_step(workdir / "checkpoints")
   t0 = time.perf_counter()
   summary = trainer.train(config, str(workdir))
   if summary["preempted"]:  # SIGTERM: the checkpoint is saved; a rerun resumes this run
@@ -233,6 +240,7 @@ def run_one(arm: Arm, seed: int, args) -> dict:
   result = {"arm": arm.name, "seed": seed, "steps": summary["step"],
             "parent": arm.parent, "overrides": arm.overrides,
             "train_metrics": summary["metrics"], "train_s": t1 - t0,
+            "start_step": start_step,  # > 0: resumed, train_s covers only this segment
             "eval_s": time.perf_counter() - t1, "eval_items": args.eval_items, **scores}
   return write_result(done, result)
 
@@ -431,8 +439,12 @@ def write_doc(args, arms: list[Arm], seeds: list, results: dict) -> None:
             f"{', '.join(missing[:12])}"
             f"{f' and {len(missing) - 12} more' if len(missing) > 12 else ''}**")
   finished = [r for runs in results.values() for r in runs]
-  trained = [r["train_s"] for r in finished if r["train_s"]]  # not the evaluation-only arms
-  train_s = np.mean(trained) if trained else 0.0
+  # Seconds per 1000 steps over runs trained in one go (a resumed run's train_s covers
+  # only its last segment; evaluation-only arms have none).
+  fresh = [1000 * r["train_s"] / r["steps"] for r in finished
+           if r["train_s"] and not r.get("start_step", 0)]
+  resumed = sum(1 for r in finished if r.get("start_step", 0))
+  train_s = np.mean(fresh) if fresh else 0.0
   eval_s = np.mean([r["eval_s"] for r in finished]) if finished else 0.0
   described = "\n".join(
       f"- `{a.name}`: {a.about or 'see benchmarks/methods.py'}"
@@ -444,8 +456,9 @@ def write_doc(args, arms: list[Arm], seeds: list, results: dict) -> None:
 
 Status: {status}.
 
-Reproduce (2 CPU cores; mean {train_s:.0f} s training per trained run and {eval_s:.0f} s
-evaluation per run here; a rerun skips finished runs and resumes an interrupted one):
+Reproduce (2 CPU cores; mean {train_s:.0f} s training per 1000 steps over the runs trained in
+one go{f" ({resumed} resumed runs left out)" if resumed else ""} and {eval_s:.0f} s evaluation
+per run here; a rerun skips finished runs and resumes an interrupted one):
 
 ```
 JAX_PLATFORMS=cpu {' '.join(args.argv)}
