@@ -71,7 +71,10 @@ def console_logging() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
   ours = logging.getLogger("mashvlm")
   ours.setLevel(logging.INFO)
+  for old in [h for h in ours.handlers if getattr(h, "mashvlm_console", False)]:
+    ours.removeHandler(old)  # a second command in one process: one handler, today's stderr
   handler = logging.StreamHandler()
+  handler.mashvlm_console = True
   handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
   ours.addHandler(handler)
   ours.propagate = False

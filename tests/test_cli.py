@@ -89,3 +89,17 @@ def test_console_script_lists_every_command():
   assert out.returncode == 0, out.stderr
   for command, path in cli.commands().items():
     assert f"  {command:<16} {cli.summary(path)}" in out.stdout
+
+
+def test_console_logging_keeps_one_handler_per_process():
+  import logging
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["mashvlm"])
+  ours = logging.getLogger("mashvlm")
+  before = [h for h in ours.handlers if not getattr(h, "mashvlm_console", False)]
+  for _ in range(3):  # three commands run in one process (tests, notebooks)
+    cli.console_logging()
+  tagged = [h for h in ours.handlers if getattr(h, "mashvlm_console", False)]
+  assert len(tagged) == 1
+  assert [h for h in ours.handlers if h not in tagged] == before
