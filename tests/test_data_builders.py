@@ -137,3 +137,19 @@ def test_make_data_command(tmp_path):
   assert "train" in out.stdout and "64 examples" in out.stdout and "tokenizer" in out.stdout
   (found,) = finished_dirs(tmp_path)
   assert "tiny_t8_s16" in str(found) and (found / "tokenizer.json").exists()
+
+
+def test_mvbench_records_with_more_options_than_letters_are_refused():
+  from mashvlm_jax.data import annotations
+  from mashvlm_jax.data.tasks import mvbench
+  record = {"video": "v.mp4", "question": "Which?", "answer": "c3",
+            "candidates": [f"c{k}" for k in range(27)]}
+  with pytest.raises(annotations.RecordError, match="holds 27 options, at most 26"):
+    annotations.parse_record(record, key="k", task="t", video_root=".",
+                             rng=np.random.default_rng(0), layout="mvbench")
+  record["candidates"] = record["candidates"][:26]
+  item = annotations.parse_record(record, key="k", task="t", video_root=".",
+                                  rng=np.random.default_rng(0), layout="mvbench")
+  assert "(Z) c25" in item.qa[0]["q"] and item.qa[0]["a"] == "(D) c3"
+  with pytest.raises(ValueError, match="index 26 has no letter"):
+    mvbench.option_letter(26)

@@ -167,6 +167,9 @@ def parse_record(record, *, key: str, task: str, video_root: str,
     if not candidates or not all(isinstance(c, str) for c in candidates):
       raise RecordError(f"field 'candidates' should be a non-empty list of strings, found "
                         f"{candidates!r:.80}")
+    if len(candidates) > mvbench.MAX_OPTIONS:
+      raise RecordError(f"field 'candidates' holds {len(candidates)} options, at most "
+                        f"{mvbench.MAX_OPTIONS} can be lettered (A-Z)")
     try:
       turns = mvbench.questions(question, candidates, answer)
     except ValueError as e:

@@ -14,12 +14,22 @@ INSTRUCTION = ("Carefully watch the video and pay attention to the cause and seq
                "addresses the question.")
 
 
+MAX_OPTIONS = 26  # lettered (A) .. (Z)
+
+
 def option_letter(index: int) -> str:
+  """"A" for 0 ... "Z" for 25; ValueError outside."""
+  if not 0 <= index < MAX_OPTIONS:
+    raise ValueError(f"option index {index} has no letter: at most {MAX_OPTIONS} options "
+                     f"(A-Z)")
   return chr(ord("A") + index)
 
 
 def questions(question: str, candidates: list[str], answer: str) -> list[dict]:
   """One QA; raises ValueError when ``answer`` is not among ``candidates``."""
+  if len(candidates) > MAX_OPTIONS:
+    raise ValueError(f"{len(candidates)} candidates: at most {MAX_OPTIONS} can be lettered "
+                     f"(A-Z)")
   if answer not in candidates:
     raise ValueError(f"answer {answer!r} is not one of the candidates {candidates!r}")
   lines = [f"Question: {question}", "Options:"]
