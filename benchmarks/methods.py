@@ -207,14 +207,9 @@ def check_finished(arm: Arm, result: dict, path, args) -> dict:
   return result
 
 
-def latest_step(checkpoints: pathlib.Path) -> int:
-  """The highest step directory under a trainer's checkpoints/ (0 when there is none)."""
-  steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
-  return max(steps, default=0)
-
-
 def run_one(arm: Arm, seed: int, args) -> dict:
   """Trains (or resumes) and evaluates one run, after its parent's; writes its result."""
+  from mashvlm_jax.convert import params_io
   from mashvlm_jax.train import trainer
   workdir = run_dir(args.root, arm.name, seed)
   done = workdir / "result.json"
@@ -229,7 +224,7 @@ def run_one(arm: Arm, seed: int, args) -> dict:
   if arm.parent:
     run_one(ARMS[arm.parent], seed, args)
     config.init_from = str(run_dir(args.root, arm.parent, seed))
-  start_step = latest_step(workdir / "checkpoints")
+  start_step = max(params_io.finished_steps(workdir / "checkpoints"), default=0)
   t0 = time.perf_counter()
   summary = trainer.train(config, str(workdir))
   if summary["preempted"]:  # SIGTERM: the checkpoint is saved; a rerun resumes this run

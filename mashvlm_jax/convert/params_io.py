@@ -100,6 +100,16 @@ def _epath(directory):
   return epath.Path(directory)
 
 
+def finished_steps(checkpoints) -> list[int]:
+  """Sorted steps of a trainer's ``checkpoints/`` directory whose ``state`` item is on
+  disk ([] when the directory is missing)."""
+  checkpoints = _epath(checkpoints)
+  if not checkpoints.is_dir():
+    return []
+  return sorted(int(p.name) for p in checkpoints.iterdir()
+                if p.name.isdigit() and (p / "state").is_dir())
+
+
 def resolve_checkpoint(directory):
   """(Orbax item path, subtree key or None, directory holding model_config.json).
 
@@ -111,8 +121,7 @@ def resolve_checkpoint(directory):
   if (root / "state").is_dir():  # <workdir>/checkpoints/<step>
     return root / "state", "params", root.parent.parent
   if (root / "checkpoints").is_dir():  # a trainer workdir: its latest finished step
-    steps = sorted(int(p.name) for p in (root / "checkpoints").iterdir()
-                   if p.name.isdigit() and (p / "state").is_dir())
+    steps = finished_steps(root / "checkpoints")
     if not steps:
       raise ConversionError(f"{root / 'checkpoints'} holds no finished checkpoint")
     return root / "checkpoints" / str(steps[-1]) / "state", "params", root

@@ -41,11 +41,10 @@ def checkpoint_step(path, step: int | None = None) -> int | None:
   directory, found = resolve_checkpoint(path)
   if step is not None or found is not None:
     return step if step is not None else found
-  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()
-           and (p / "state").is_dir()] if directory.is_dir() else []
+  steps = params_io.finished_steps(directory)
   if not steps:
     raise FileNotFoundError(f"no checkpoint under {directory}")
-  return max(steps)
+  return steps[-1]
 
 
 def default_out_dir(path, step: int | None, benchmark: str) -> pathlib.Path:
