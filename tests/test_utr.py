@@ -307,3 +307,41 @@ def test_7b_utr_recipe_is_table_9():
   assert base.optim.lr == 2e-5 and base.model.freeze_vision  # no recipe: unchanged
   with pytest.raises(ValueError, match="unknown recipe 'nope'"):
     load_config("mashvlm_7b", "recipe=nope")
+
+
+def test_synthetic_build_stores_utr_rows_and_the_start_rules(tmp_path):
+  """A tiny build with data.train_tasks=("utr",): the stored rows hold the renderer's
+  boxes at the stored size; training refuses a text_len that cuts them, crop, and stored
+  frames the pipeline would resample."""
+  config = load_config("tiny_synthetic")
+  config.data.update(dict(data_dir=str(tmp_path), builder_config="tiny", train_size=16,
+                          test_size=2, stored_size=32, train_tasks=("utr",)))
+  registry.ensure_built(config)
+  specs = {s.id: s for s in synthetic.clip_specs("train", 16)}
+  for raw in registry.data_source(config, "train"):
+    record = pipeline.decode_record(raw)
+    spec = specs[record["id"]]
+    rows = [r for r in record["qa"] if r["task"] == utr.TASK]
+    assert len(rows) == (utr.rows_per_clip(spec) if spec.action else 0)
+    if rows:
+      stored = utr.quantize(synthetic.actor_boxes(spec, 8, 32, 32), 32, 32)
+      for row in rows:
+        np.testing.assert_array_equal(utr.parse_boxes(row["a"], 8), stored)
+  # Longest row, 8 frames, word tokenizer: <s> user : + "track the person at b b b b in
+  # frame 8 ." (12) + assistant : + "the person in a <colour> shirt <action> . boxes :" (10)
+  # + 32 numbers + </s> = 60.
+  tok = registry.load_tokenizer(config)
+  assert utr.longest_text(tok, chat.ChatTemplate(), 8) == 60
+  with pytest.raises(ValueError, match=r"rows of up to 60 tokens .* data.text_len=32"):
+    pipeline.example_transform(config, "train", augment=False)
+  config.data.text_len = 64
+  with pytest.raises(ValueError, match="random_resized_crop"):
+    pipeline.example_transform(config, "train")
+  config.data.augment.random_resized_crop = False
+  batch = next(pipeline.make_iterator(config, "train"))
+  assert batch["text_ids"].shape == (16, 64)
+  pipeline.example_transform(config, "test_unusual")  # evaluation splits: no UTR rules
+  config.data.stored_frames = 4
+  with pytest.raises(ValueError, match=r"data.stored_frames=4 differs from "
+                                       r"model.num_frames=8"):
+    utr.check_config(config, augment=False)

@@ -281,17 +281,59 @@ def track_rows(tracks, meta: dict, size: int, seed: int, bins: int = BINS) -> li
   return subject_rows(subjects, size, size, np.random.default_rng(seed), bins=bins)
 
 
-# ------------------------------------------------------------------------------ config rule
+# ------------------------------------------------------------------------------ config rules
 
-def augment_rule(config) -> None:
-  """ValueError naming the keys when the training split has UTR rows (a utr family in
-  data.train_tasks, or a tracks record in data.annotations) and data.augment enables
-  random_resized_crop or flip: the pipeline moves frames, not the boxes in the answers."""
+def longest_text(tok, template, num_frames: int, bins: int = BINS) -> int:
+  """Chat-text tokens (chat.encode_example's text_mask count) of the longest synthetic UTR
+  row of ``num_frames`` frames: every query type and the no-query row, every shirt colour
+  and action, every box number and the frame number at their widest (bins - 1, T)."""
+  from mashvlm_jax.data import chat
+  boxes = np.full((num_frames, 4), bins - 1)
+  longest = 0
+  for colour in SHIRT_NAMES.values():
+    for action in synthetic.ACTIONS:
+      subject = Subject(LABEL, f"in a {colour} shirt", action, boxes)
+      rows = [qa(query_text(k, subject, boxes, num_frames - 1),
+                 answer_text(subject, boxes, "" if k == "location" else k), task=TASK)
+              for k in QUERY_TYPES] + [notask_row(subject, boxes)]
+      for row in rows:
+        ids, _ = chat.encode_example(tok, template, [row], 100_000)
+        longest = max(longest, int(ids["text_mask"].sum()))
+  return longest
+
+
+def check_config(config, augment: bool) -> None:
+  """Start-of-training rules for UTR rows in the train split: ``augment_rule`` (when
+  augmenting), and for the synthetic families a data.text_len that holds the longest row
+  (chat.fit would otherwise cut the query from the question's start or fail mid-run)."""
+  from mashvlm_jax.data import chat, registry
+  if augment:
+    augment_rule(config)
   d = config.data
-  aug = dict(d.get("augment", {}) or {})
-  on = [f"data.augment.{k}" for k in ("random_resized_crop", "flip") if aug.get(k)]
-  if not on:
+  where = utr_rows_in(config)
+  if not where:
     return
+  frames = registry.stored_shape(config)[0]
+  if frames != int(config.model.num_frames):
+    raise ValueError(f"{where} write one box per stored frame, but data.stored_frames="
+                     f"{frames} differs from model.num_frames={config.model.num_frames}: "
+                     f"the pipeline would resample the frames and not the boxes; set "
+                     f"data.stored_frames=0 (the model's)")
+  if d.name != "synthetic_unscene":
+    return
+  need = longest_text(registry.load_tokenizer(config), chat.ChatTemplate(**dict(d.template)),
+                      frames)
+  if need > int(d.text_len):
+    raise ValueError(f"data.train_tasks={tuple(d.train_tasks)} writes UTR rows of up to "
+                     f"{need} tokens for {frames} stored frames, but data.text_len="
+                     f"{d.text_len}; set data.text_len >= {need} (docs/design.md, UTR "
+                     f"trajectory queries)")
+
+
+def utr_rows_in(config) -> str:
+  """Where the train split gets rows with boxes: "data.train_tasks=(...) (families [...])"
+  or "data.annotations['train'] tracks records in [files]"; "" when it has none."""
+  d = config.data
   if d.name == "synthetic_unscene":
     named = [n for n in d.get("train_tasks", ()) if n in FAMILIES]
     where = f"data.train_tasks={tuple(d.get('train_tasks', ()))} (families {named})"
@@ -300,7 +342,17 @@ def augment_rule(config) -> None:
     sources = [s for s in registry.sources(config) if s[0] == d.train_split]
     named = [path for _, path, _ in sources if annotations.has_tracks(path)]
     where = f"data.annotations[{d.train_split!r}] tracks records in {named}"
-  if named:
+  return where if named else ""
+
+
+def augment_rule(config) -> None:
+  """ValueError naming the keys when the training split has UTR rows (a utr family in
+  data.train_tasks, or a tracks record in data.annotations) and data.augment enables
+  random_resized_crop or flip: the pipeline moves frames, not the boxes in the answers."""
+  aug = dict(config.data.get("augment", {}) or {})
+  on = [f"data.augment.{k}" for k in ("random_resized_crop", "flip") if aug.get(k)]
+  where = utr_rows_in(config) if on else ""
+  if where:
     raise ValueError(
         f"{where} write boxes into their answers, but {' and '.join(on)} move the frames "
         f"and not those boxes; set {'=False and '.join(on)}=False for UTR training "
