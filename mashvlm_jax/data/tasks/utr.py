@@ -35,7 +35,6 @@ frames 4T tokens; numbers 0..max(bins, MAX_FRAMES) are registered (``texts``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import numpy as np
