@@ -2,6 +2,8 @@
 16 frames -> M = 47 temporal and N = 256 spatial tokens.
 
 Variants: --config=configs/mashvlm_7b.py:ablation=t6_disable_none,remat=dots
+Recipes: recipe=utr (Video-UTR stage II, Table 9 and Table 8 of the UTR paper; see
+_utr_recipe and docs/design.md "UTR trajectory queries").
 """
 import os
 
@@ -11,7 +13,7 @@ from mashvlm_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, ablation="mash", remat="full", dtype="bfloat16")
+  arg = config_lib.parse_arg(arg, ablation="mash", remat="full", dtype="bfloat16", recipe="")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.text_len = 512
@@ -93,5 +95,40 @@ def get_config(arg=None):
       build_sample_mode="middle",
       build_threads=16,
       max_failure_share=0.05,
+      # Share of train records in the tracks layout (UTR query rows) that make-data
+      # reports against; 0 = no target.
+      utr_share=0.0,
   ))
+  if arg.recipe == "utr":
+    _utr_recipe(config)
+  elif arg.recipe:
+    raise ValueError(f"unknown recipe {arg.recipe!r}; known: utr")
   return config
+
+
+UTR_STEPS = 5000  # Table 9, stage II training steps
+UTR_WARMUP_RATIO = 0.003
+
+
+def _utr_recipe(config):
+  """Video-UTR stage II (UTR paper Table 9): AdamW b2 0.95, eps 1e-8; peak lr 1e-5 for
+  the LLM and projector, 2e-6 for the vision tower, which trains (lr multiplier 0.2);
+  cosine to 0 after a warmup of 0.003 of the steps; weight decay 0.05; clip 1.0; global
+  batch 256 as 4 accumulated microbatches of 64; 5k steps.
+
+  Task mix (Table 8, stage II): UTR-Data (HowTo100M 50K + MeViS 90K + LaMOT 225K = 365K
+  tracks records) beside 890K ordinary rows (VideoChat2 100K + LLaVA-NeXT-SFT 790K): 365 /
+  1255 = 29% of the samples. List the tracks files beside the ordinary ones in
+  data.annotations["train"]; make-data reports the share it built against utr_share.
+  Crop and flip stay off: they would move the boxes the UTR answers hold."""
+  config.total_steps = UTR_STEPS
+  config.grad_accum_steps = 4
+  config.data.batch_size = 256
+  config.model.freeze_vision = False
+  config.optim.update(dict(
+      lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, clip_norm=1.0,
+      warmup_steps=round(UTR_WARMUP_RATIO * UTR_STEPS), final_lr_ratio=0.0,
+      lr_multipliers={"^vision_tower/": 0.2}))  # 2e-6 / 1e-5
+  config.data.utr_share = round(365 / 1255, 2)
+  config.data.augment.random_resized_crop = False
+  config.data.augment.flip = False

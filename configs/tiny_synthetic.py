@@ -59,7 +59,9 @@ def get_config(arg=None):
       # as the UNSCENE test duals) | "uniform" (any other label; data/tasks/train_mix.py)
       train_negatives="typical",
       # train: extra task families added to every clip's rows (data/tasks/families.py),
-      # e.g. ("utr",); their rows join the one-row-per-visit draw
+      # e.g. ("utr",); their rows join the one-row-per-visit draw. UTR families
+      # ("utr", "utr_notask") need text_len >= 64 and augment crop/flip off
+      # (docs/design.md, UTR trajectory queries)
       train_tasks=(),
       seed=0,  # data generation seed (the shuffle seed is config.seed)
       train_split="train",

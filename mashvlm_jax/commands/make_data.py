@@ -39,6 +39,12 @@ def main(argv):
   for split, info in sorted(b.info.splits.items()):
     print(f"  {split:<16} {info.num_examples:>7} examples")
   for split, rep in sorted(getattr(b, "report", {}).items()):
+    if rep.get("tracks"):  # UTR query rows (tasks/utr.py): their share of the records
+      share, target = rep["tracks"] / max(1, rep["written"]), float(
+          config.data.get("utr_share", 0.0))
+      aim = f" (data.utr_share target {target:.0%})" if target else ""
+      print(f"  {split}: {rep['tracks']} of {rep['written']} records hold UTR track "
+            f"queries: {share:.1%}{aim}")
     if rep["failed"]:
       print(f"  {split}: skipped {len(rep['failed'])} of {rep['total']} records:")
       for line in rep["failed"][:20]:

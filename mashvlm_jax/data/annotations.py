@@ -10,6 +10,12 @@ Three layouts are recognised per record (a JSON file holds a list of records):
      "pair": int}, ...] (optional: generated from the dual rules of
      tasks/unscene_binary.py when the labels are known synthetic classes),
      "open_ended": {"q", "a"} (optional), "start"?, "end"?}
+  * tracks (UTR trajectory queries, tasks/utr.py):
+    {"video", "tracks": [{"label": str, "appearance": str, "action": str (optional),
+     "boxes": [{"frame": int | "time": seconds, "box": [x1, y1, x2, y2]}, ...]}, ...],
+     "start"?, "end"?}; boxes in pixels of the decoded video, frame indices counted from
+    the video's first frame (times: frame = time * fps); the builder maps them onto the
+    sampled, resized frames (utr.stored_boxes) and writes query rows (task "utr").
 A record that breaks its layout becomes a ``Failure`` naming the file, the record and the
 field (expected vs found); the caller decides how many failures are acceptable.
 """
@@ -43,6 +49,18 @@ class Item:
   candidates: list = dataclasses.field(default_factory=list)
   start: float | None = None
   end: float | None = None
+  tracks: list = dataclasses.field(default_factory=list)  # tracks layout: Track objects
+  seed: int = 0  # tracks layout: the seed of the record's query draws
+
+
+@dataclasses.dataclass(frozen=True)
+class Track:
+  """One subject of a tracks record: ``points`` sorted ((frame index or None, time or
+  None, (x1, y1, x2, y2) pixels), ...), each point with a frame or a time."""
+  label: str
+  appearance: str
+  action: str
+  points: tuple
 
 
 @dataclasses.dataclass
@@ -80,7 +98,9 @@ def _bound(record: dict, name: str):
 
 
 def layout_of(record: dict) -> str:
-  """"instruct" | "mvbench" | "unscene", from the fields the record has."""
+  """"instruct" | "mvbench" | "unscene" | "tracks", from the fields the record has."""
+  if "tracks" in record:
+    return "tracks"
   if "QA" in record:
     return "instruct"
   if "candidates" in record or "question" in record:
@@ -88,8 +108,8 @@ def layout_of(record: dict) -> str:
   if "kind" in record or "binary" in record:
     return "unscene"
   raise RecordError(f"unknown layout: fields {sorted(record)[:8]} match none of "
-                    f"VideoChat2-IT (QA), MVBench (question, candidates, answer) or "
-                    f"UNSCENE (kind, scene, action)")
+                    f"VideoChat2-IT (QA), MVBench (question, candidates, answer), "
+                    f"UNSCENE (kind, scene, action) or tracks (tracks)")
 
 
 def _instruct_qa(record):
@@ -134,6 +154,76 @@ def _unscene_qa(record, rng):
   return kind, action, scene, binary
 
 
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+      np.isfinite(value)
+
+
+def _track_point(item, where: str):
+  """(frame, time, box) of one boxes[] entry; RecordError naming ``where`` and the field."""
+  if not isinstance(item, dict):
+    raise RecordError(f"{where} should be an object, found {type(item).__name__}")
+  frame, time = item.get("frame"), item.get("time")
+  if (frame is None) == (time is None):
+    raise RecordError(f"{where} needs exactly one of 'frame' (index) or 'time' (seconds), "
+                      f"found {sorted(item)}")
+  if frame is not None and (not isinstance(frame, int) or isinstance(frame, bool)
+                            or frame < 0):
+    raise RecordError(f"{where}.frame should be a frame index >= 0, found {frame!r:.40}")
+  if time is not None and (not _number(time) or time < 0):
+    raise RecordError(f"{where}.time should be seconds >= 0, found {time!r:.40}")
+  box = item.get("box")
+  if not isinstance(box, list) or len(box) != 4 or not all(map(_number, box)):
+    raise RecordError(f"{where}.box should be 4 numbers [x1, y1, x2, y2] in pixels, found "
+                      f"{box!r:.60}")
+  if box[2] <= box[0] or box[3] <= box[1]:
+    raise RecordError(f"{where}.box should have x2 > x1 and y2 > y1, found {box}")
+  return frame, None if time is None else float(time), tuple(float(v) for v in box)
+
+
+def _tracks(record) -> list[Track]:
+  tracks = _field(record, "tracks", list, "tracks")
+  if not tracks:
+    raise RecordError("field 'tracks' is an empty list")
+  out = []
+  for k, track in enumerate(tracks):
+    where = f"tracks[{k}]"
+    if not isinstance(track, dict):
+      raise RecordError(f"{where} should be an object, found {type(track).__name__}")
+    try:
+      label, appearance = (_field(track, f, str, "tracks") for f in ("label", "appearance"))
+      action = _field(track, "action", str, "tracks") if "action" in track else ""
+      boxes = _field(track, "boxes", list, "tracks")
+    except RecordError as e:
+      raise RecordError(f"{where}: {e}") from e
+    if not label.strip() or not boxes:
+      raise RecordError(f"{where}: needs a non-empty 'label' and 'boxes'")
+    points = [_track_point(item, f"{where}.boxes[{j}]") for j, item in enumerate(boxes)]
+    kinds = {p[0] is None for p in points}
+    if len(kinds) > 1:
+      raise RecordError(f"{where}.boxes mixes 'frame' and 'time' entries; use one of them")
+    keys = [p[1] if p[0] is None else p[0] for p in points]
+    if len(set(keys)) != len(keys):
+      raise RecordError(f"{where}.boxes gives a frame or time twice")
+    order = np.argsort(keys, kind="stable")
+    out.append(Track(label.strip(), appearance.strip(), action.strip(),
+                     tuple(points[i] for i in order)))
+  return out
+
+
+def has_tracks(path: str | os.PathLike) -> bool:
+  """True when an annotation file (or directory) holds a record of the tracks layout."""
+  for file in json_files(path):
+    try:
+      records = json.loads(file.read_text())
+    except json.JSONDecodeError:
+      continue  # the build reports the file
+    if isinstance(records, list) and any(isinstance(r, dict) and "tracks" in r
+                                         for r in records):
+      return True
+  return False
+
+
 def file_layout(records: list) -> str | None:
   """The layout most records of a file follow (None when none follows any)."""
   found = collections.Counter()
@@ -176,6 +266,9 @@ def parse_record(record, *, key: str, task: str, video_root: str,
       raise RecordError(f"field 'answer': {e}") from e
     return Item(key, path, video, turns, f"mvbench/{task}", candidates=list(candidates),
                 start=start, end=end)
+  if layout == "tracks":
+    return Item(key, path, video, [], "tracks", start=start, end=end, tracks=_tracks(record),
+                seed=int(rng.integers(2 ** 31)))
   kind, action, scene, turns = _unscene_qa(record, rng)
   return Item(key, path, video, turns, "unscene", kind=kind, action=action, scene=scene,
               start=start, end=end)

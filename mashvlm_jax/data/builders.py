@@ -150,7 +150,8 @@ def synthetic_questions(spec: synthetic.ClipSpec, train_negatives: str = "typica
 def synthetic_example(spec: synthetic.ClipSpec, num_frames: int, size: int,
                       train_negatives: str = "typical", train_tasks: Sequence[str] = (),
                       seed: int = 0) -> dict:
-  ctx = families.BuildContext(num_frames=num_frames, size=size, seed=seed)
+  ctx = families.BuildContext(num_frames=num_frames, size=size, seed=seed,
+                              train_negatives=train_negatives)
   return example(id=spec.id, frames=synthetic.render_clip(spec, num_frames, size, size),
                  qa=synthetic_questions(spec, train_negatives, train_tasks, ctx),
                  task="synthetic", kind=spec.kind,
@@ -301,15 +302,27 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
 
   def _decode(self, item: annotations.Item):
     cfg = self.builder_config
+    meta = {}
     try:
       frames = video.read_video(item.video, cfg.num_frames, cfg.sample_mode, cfg.size,
-                                start=item.start, end=item.end)
+                                start=item.start, end=item.end, meta=meta)
     except FileNotFoundError as e:
       return None, (str(e), "missing video")
     except video.VideoDecodeError as e:
       return None, (str(e), "undecodable video")
     except ValueError as e:
       return None, (str(e), "bad bounds")
+    if item.tracks:  # UTR query rows need the sampled frames (tasks/utr.py)
+      from mashvlm_jax.data.tasks import utr
+      if any(p[0] is None for t in item.tracks for p in t.points) and not meta["fps"] > 0:
+        return None, ("field 'tracks' gives times but the video's fps is unknown",
+                      "bad record")
+      item = dataclasses.replace(item, qa=utr.track_rows(item.tracks, meta, cfg.size,
+                                                         item.seed))
+      if not item.qa:
+        return None, (f"no track is in every sampled frame (frames {meta['indices'].tolist()}) "
+                      f"and at least 1/32 of the {cfg.size}x{cfg.size} frame in each",
+                      "no usable track")
     return example(id=item.key, frames=frames, qa=item.qa, source=item.source,
                    task=item.task, kind=item.kind, action=item.action, scene=item.scene,
                    candidates=item.candidates), None
@@ -323,7 +336,7 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
       failures += failed
     for failure in failures:
       log.warning("skipping %s", failure)
-    total, written = len(items) + len(failures), 0
+    total, written, tracks = len(items) + len(failures), 0, 0
     self.count_records(planned=len(items))
     threads = max(1, cfg.num_threads)
     chunk = 8 * threads  # bounded look-ahead: decoded videos are held until written
@@ -338,8 +351,9 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
             failures.append(failure)
             continue
           written += 1
+          tracks += bool(item.tracks)
           yield item.key, ex
-    self.report[split] = {"total": total, "written": written,
+    self.report[split] = {"total": total, "written": written, "tracks": tracks,
                           "failed": [str(f) for f in failures]}
     check_failures(split, total, failures, cfg.max_failure_share)
 

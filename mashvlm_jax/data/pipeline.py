@@ -149,6 +149,9 @@ def example_transform(config, split: str, augment: bool | None = None) -> Exampl
   unless ``augment`` says otherwise)."""
   d = config.data
   augment = (split == d.train_split) if augment is None else augment
+  if split == d.train_split:
+    from mashvlm_jax.data.tasks import utr
+    utr.check_config(config, augment)  # UTR rows: text_len; crop/flip would move boxes
   return ExampleTransform(
       registry.load_tokenizer(config), chat.ChatTemplate(**dict(d.template)), d.text_len,
       config.model.num_frames, config.model.vision.image_size, d.qa_mode, d.sample_mode,

@@ -381,3 +381,31 @@ def render_clip(spec: ClipSpec, num_frames: int, height: int, width: int) -> np.
     for frame, center in zip(frames, path):
       draw_actor(frame, center, look)
   return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+def actor_boxes(spec: ClipSpec, num_frames: int, height: int, width: int) -> np.ndarray:
+  """float64 [T, 4] pixel boxes (x1, y1, x2, y2) of every pixel ``render_clip`` paints for
+  the actor (figure and dark outline) in each frame: x1, y1 the first painted column/row,
+  x2, y2 one past the last (so pixel column c lies in the box iff x1 <= c < x2). Rows of
+  NaN where no actor pixel is in the frame (always for scene-only clips). Uses the same
+  appearance, trajectory, _figure_parts and _dilate as the renderer."""
+  out = np.full((num_frames, 4), np.nan)
+  if not spec.action:
+    return out
+  look = draw_appearance(spec.rng(_APPEARANCE))
+  path = trajectory(spec.action, num_frames, spec.rng(_MOTION))
+  y, x = _grid(height, width)
+  for t, (cx, cy) in enumerate(path):
+    head, shirt, pants = _figure_parts(y, x, cx, cy, look.height, height / width)
+    painted = _dilate(head | shirt | pants)  # the body and its one-pixel outline
+    rows, cols = np.flatnonzero(painted.any(axis=1)), np.flatnonzero(painted.any(axis=0))
+    if rows.size:
+      out[t] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+  return out
+
+
+def actor_look(spec: ClipSpec) -> Appearance:
+  """The actor's appearance as ``render_clip`` draws it (ValueError for scene-only clips)."""
+  if not spec.action:
+    raise ValueError(f"clip {spec.id} has no actor")
+  return draw_appearance(spec.rng(_APPEARANCE))

@@ -75,12 +75,18 @@ def _to_rgb(frame, size: int | None) -> np.ndarray:
   (VideoChat2's scale + centre crop); native size when ``size`` is None."""
   if size is None:
     return frame.to_ndarray(format="rgb24")
-  w, h = frame.width, frame.height
-  scale = size / min(w, h)
-  new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+  new_w, new_h, left, top = resize_geometry(frame.width, frame.height, size)
   rgb = frame.to_ndarray(format="rgb24", width=new_w, height=new_h, interpolation="BICUBIC")
-  top, left = (new_h - size) // 2, (new_w - size) // 2
   return rgb[top:top + size, left:left + size]
+
+
+def resize_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+  """(resized width, resized height, crop left, crop top) in pixels of ``_to_rgb``: the
+  shorter side scaled to ``size``, then a centre ``size`` x ``size`` crop. A point (x, y)
+  of the decoded frame lands at (x * new_w / width - left, y * new_h / height - top)."""
+  scale = size / min(width, height)
+  new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+  return new_w, new_h, (new_w - size) // 2, (new_h - size) // 2
 
 
 def probe(path: str | os.PathLike) -> tuple[int, float]:
@@ -96,8 +102,9 @@ def probe(path: str | os.PathLike) -> tuple[int, float]:
   return count, fps
 
 
-def _decode(path, wanted: set, size):
-  """{index: rgb} for the wanted frame indices, and the number of frames decoded."""
+def _decode(path, wanted: set, size, geometry: dict | None = None):
+  """{index: rgb} for the wanted frame indices, and the number of frames decoded;
+  ``geometry`` (a dict) receives the decoded frames' width and height."""
   import av
   out, count = {}, 0
   last = max(wanted)
@@ -107,6 +114,8 @@ def _decode(path, wanted: set, size):
     for count, frame in enumerate(container.decode(stream), start=1):
       if count - 1 in wanted:
         out[count - 1] = _to_rgb(frame, size)
+        if geometry is not None:
+          geometry.update(width=frame.width, height=frame.height)
       if count - 1 >= last:
         break
   return out, count
@@ -114,9 +123,13 @@ def _decode(path, wanted: set, size):
 
 def read_video(path: str | os.PathLike, num_frames: int, mode: str = "middle",
                size: int | None = 224, *, rng: np.random.Generator | int | None = None,
-               start: float | None = None, end: float | None = None) -> np.ndarray:
+               start: float | None = None, end: float | None = None,
+               meta: dict | None = None) -> np.ndarray:
   """uint8 [num_frames, size, size, 3] RGB frames picked by ``sample_frame_indices``.
 
+  ``meta`` (a dict, optional) receives what maps annotations onto the stored frames:
+  ``indices`` (the decoded frame index of each stored frame), ``fps``, and the decoded
+  ``width`` and ``height`` in pixels (before the resize and centre crop to ``size``).
   Raises FileNotFoundError for a missing file and VideoDecodeError (naming the file and
   the reason) for one PyAV cannot decode.
   """
@@ -132,13 +145,16 @@ def read_video(path: str | os.PathLike, num_frames: int, mode: str = "middle",
     raise VideoDecodeError(f"{path}: no decodable video frames")
   indices = sample_frame_indices(count, num_frames, mode, rng, start, end, fps)
   try:
-    frames, decoded = _decode(path, set(indices.tolist()), size)
+    geometry = {}
+    frames, decoded = _decode(path, set(indices.tolist()), size, geometry)
     if len(frames) < len(set(indices.tolist())):
       # The container announced more frames than it holds: sample again from the truth.
       indices = sample_frame_indices(decoded, num_frames, mode, rng, start, end, fps)
-      frames, _ = _decode(path, set(indices.tolist()), size)
+      frames, _ = _decode(path, set(indices.tolist()), size, geometry)
   except (av.error.FFmpegError, IndexError) as e:
     raise VideoDecodeError(f"{path}: cannot decode ({type(e).__name__}: {e})") from e
   if decoded < 1 or len(frames) < len(set(indices.tolist())):
     raise VideoDecodeError(f"{path}: {decoded} of {count} announced frames decoded")
+  if meta is not None:
+    meta.update(geometry, indices=indices.copy(), fps=fps)
   return np.stack([frames[i] for i in indices.tolist()])

@@ -30,10 +30,12 @@ VISIT_RENDERERS: dict[str, Callable[[dict, np.random.Generator], dict]] = {}
 
 @dataclasses.dataclass(frozen=True)
 class BuildContext:
-  """What a family may need beside the clip's spec: stored frames and size, data seed."""
+  """What a family may need beside the clip's spec: stored frames and size, data seed,
+  the ordinary rows' negatives (data.train_negatives)."""
   num_frames: int
   size: int
   seed: int = 0
+  train_negatives: str = "typical"
 
 
 def _register(table: dict, kind: str, name: str):
