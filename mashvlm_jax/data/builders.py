@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mashvlm_jax.data import annotations, synthetic, tokenizer, video
+from mashvlm_jax.data import annotations, storage, synthetic, tokenizer, video
 from mashvlm_jax.data.chat import ChatTemplate
 from mashvlm_jax.data.tasks import families, open_ended, train_mix, unscene_binary, vocabulary
 
@@ -276,6 +276,7 @@ class LocalConfig(tfds.core.BuilderConfig):
   max_failure_share: float = 0.05
   num_threads: int = 4
   seed: int = 0
+  storage: storage.StorageSpec = storage.StorageSpec()  # data.storage: raw | jpeg | source
 
 
 class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
@@ -289,8 +290,10 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     cfg = self.builder_config
-    return tfds.core.DatasetInfo(builder=self, description=__doc__,
-                                 features=features(cfg.num_frames, cfg.size))
+    feats = features(cfg.num_frames, cfg.size)
+    if cfg.storage.format != "raw":  # encoded frames or the source file (storage.py)
+      feats = storage.encoded_features({k: v for k, v in feats.items() if k != "video"})
+    return tfds.core.DatasetInfo(builder=self, description=__doc__, features=feats)
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -302,17 +305,31 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
   def _decode(self, item: annotations.Item):
     cfg = self.builder_config
     try:
-      frames = video.read_video(item.video, cfg.num_frames, cfg.sample_mode, cfg.size,
-                                start=item.start, end=item.end)
+      frames = self._read(item)
     except FileNotFoundError as e:
       return None, (str(e), "missing video")
     except video.VideoDecodeError as e:
       return None, (str(e), "undecodable video")
+    except storage.SourceTooLarge as e:
+      return None, (str(e), "video over data.source_max_mb")
     except ValueError as e:
       return None, (str(e), "bad bounds")
-    return example(id=item.key, frames=frames, qa=item.qa, source=item.source,
-                   task=item.task, kind=item.kind, action=item.action, scene=item.scene,
-                   candidates=item.candidates), None
+    out = example(id=item.key, frames=frames, qa=item.qa, source=item.source,
+                  task=item.task, kind=item.kind, action=item.action, scene=item.scene,
+                  candidates=item.candidates)
+    if isinstance(frames, dict):  # an encoded format's video fields (storage.py)
+      out.update(frames)
+    return out, None
+
+  def _read(self, item: annotations.Item):
+    """The record's video: uint8 [T, S, S, 3] (raw) or the encoded fields (jpeg, source)."""
+    cfg = self.builder_config
+    if cfg.storage.format == "jpeg":
+      return storage.jpeg_record(item.video, cfg.size, cfg.storage, item.start, item.end)
+    if cfg.storage.format == "source":
+      return storage.source_record(item.video, cfg.storage, item.start, item.end)
+    return video.read_video(item.video, cfg.num_frames, cfg.sample_mode, cfg.size,
+                            start=item.start, end=item.end)
 
   def _generate_examples(self, split, sources):
     cfg = self.builder_config
