@@ -97,6 +97,11 @@ def test_jpeg_and_source_frames_match_raw_for_the_same_indices(root):
     assert mean_abs(got, raw) <= 1.25 * mean_abs(round_trip, raw) and psnr(got, raw) > 33, mode
     clip = storage.stored_video(dict(source, id="natural"))
     np.testing.assert_array_equal(clip.frames(T, mode, SIZE * 2, rng()), raw)
+  # stored at 4x the model's size, read back at it: within JPEG loss of the raw frames
+  big = storage.jpeg_record(path, SIZE * 2, storage.StorageSpec("jpeg", jpeg_short_side=256))
+  got = storage.jpeg_frames(big["video"], big["frame_offsets"], T, "middle", SIZE * 2)
+  raw = video.read_video(path, T, "middle", SIZE * 2)
+  assert psnr(got, raw) > 40, psnr(got, raw)
   bounded = dict(storage.source_record(path, storage.StorageSpec("source"), 0.2, 0.8),
                  id="natural")
   np.testing.assert_array_equal(storage.stored_video(bounded).frames(T, "middle", SIZE),
