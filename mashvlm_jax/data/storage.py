@@ -383,6 +383,11 @@ def auto_performance(config, probe_dataset) -> tuple[int, int]:
   ``grain.experimental.pick_performance_config`` over ``probe_dataset`` (the batched
   pipeline without workers), within ram_budget_mb and at most one worker per CPU core
   and data.prefetch_buffer_size; logged."""
+  if not hasattr(grain.experimental, "pick_performance_config"):
+    raise ValueError(f"data.num_workers='auto' uses grain.experimental."
+                     f"pick_performance_config, which grain {grain.__version__} lacks; "
+                     f"install the grain of constraints.txt or set data.num_workers to a "
+                     f"number")
   budget = ram_budget_mb(config)
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   chosen = grain.experimental.pick_performance_config(
