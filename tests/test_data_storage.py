@@ -295,3 +295,18 @@ def test_caption_files_and_pretrain_stage(tmp_path):
                     "language_model": {"layers": {"mlp": {"kernel": "frozen"}}}}
   with pytest.raises(ValueError, match="stage must be"):
     load_config("mashvlm_7b", "stage=finetune")
+
+
+@pytest.mark.slow  # compiles and runs the tiny train step (about 25 CPU seconds)
+def test_trainer_logs_read_failures(root, tmp_path):
+  """Two tiny train steps over the source set whose 8th record is a truncated video:
+  the skipped visit is in the logged metrics."""
+  from mashvlm_jax.train import trainer
+  config = local_config(root, "source", "cut.json")
+  config.model.llm.num_layers = 1
+  config.update(total_steps=2, log_every=1, checkpoint_every=2, async_checkpointing=False)
+  summary = trainer.train(config, str(tmp_path / "run"))
+  assert summary is not None
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+          .splitlines()]
+  assert [r.get("read_failures", 0) for r in rows if r.get("step") == 2] == [1]
