@@ -11,6 +11,8 @@ Stored features of every example (``features(T, S)``):
   scene       text    scene label ("" when unknown)
   candidates  [text]  multiple-choice options (MVBench), else empty
   qa          sequence of {i, q, a, task, aspect, pair}: see tasks/__init__.py
+Users' data stored as data.storage "jpeg" or "source" replace ``video`` by the encoded
+fields of storage.py (JPEG frames or the video file's bytes, sampled at every visit).
 
 Builds are atomic: TFDS writes into an ``incomplete.*`` directory that is renamed only
 when every split (and, for the synthetic set, its ``tokenizer.json``) is written, and
@@ -280,8 +282,10 @@ class LocalConfig(tfds.core.BuilderConfig):
 
 
 class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
-  """Users' videos with VideoChat2-IT, MVBench or UNSCENE annotations, decoded and
-  frame-sampled at build time (video.read_video, ``sample_mode``, no random draws)."""
+  """Users' videos with VideoChat2-IT, MVBench or UNSCENE annotations (or caption rows,
+  captions.py), decoded and frame-sampled at build time (video.read_video,
+  ``sample_mode``, no random draws), or stored encoded for sampling at every visit
+  (``storage``: jpeg or source, storage.py)."""
   VERSION = tfds.core.Version("1.0.0")
 
   def __init__(self, *args, **kwargs):
