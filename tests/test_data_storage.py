@@ -261,7 +261,7 @@ def test_bad_settings_fail_at_start(root):
                            process_index=0, process_count=1)
 
 
-def test_caption_files_and_pretrain_stage(tmp_path):
+def test_caption_files_and_pretrain_stage(tmp_path, root):
   from mashvlm_jax.data.tasks import caption, families
   from mashvlm_jax.train import optim
   (tmp_path / "webvid.csv").write_text(
@@ -284,6 +284,15 @@ def test_caption_files_and_pretrain_stage(tmp_path):
   seen = {families.render_visit(items[0].qa[0], np.random.default_rng(s))["q"]
           for s in range(40)}
   assert seen == set(caption.PROMPTS)  # a fresh prompt per visit, the answer kept
+  # a caption CSV built as jpeg: records of task "caption", frames sampled at read time
+  (tmp_path / "clips.csv").write_text("video,caption\nc1.mp4,Bands flash.\n"
+                                      "c2.mp4,More bands flash.\n")
+  config = local_config(root, "jpeg", annotations={"train": str(tmp_path / "clips.csv")},
+                        data_dir=str(tmp_path / "cache"))
+  registry.ensure_built(config)
+  records = pipeline.make_eval_records(config, "train")
+  assert [(r["task"], r["qa"][0]["a"], decoded_ids(r["frames"])[0]) for r in records] == [
+      ("caption", "Bands flash.", 1), ("caption", "More bands flash.", 2)]
 
   config = load_config("mashvlm_7b", "stage=pretrain")
   assert config.data.storage == "jpeg" and config.data.text_len == 128
