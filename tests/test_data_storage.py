@@ -237,6 +237,15 @@ def test_auto_workers_use_grains_performance_config(root, caplog):
   want = next(pipeline.make_iterator(serial, "train", process_index=0, process_count=1,
                                      shuffle=False))
   assert all(np.array_equal(batch[k], want[k]) for k in want)
+  # a 3 MB budget: Grain's rule over the real batch's bytes, at most one worker per core
+  import os
+  config.data.ram_budget_mb = 3
+  chosen = pipeline._with_auto_workers(config, "train", process_index=0, process_count=1,
+                                       seed=None, shuffle=False, num_epochs=None,
+                                       augment=None).data
+  fits = int(3 / batch_mb)
+  assert fits == 3 and (chosen.num_workers, chosen.prefetch_buffer_size) == (
+      min(fits, len(os.sched_getaffinity(0))), min(fits, config.data.prefetch_buffer_size))
 
 
 def test_bad_settings_fail_at_start(root):

@@ -242,12 +242,19 @@ def make_dataset(config, split: str, *, process_index=None, process_count=None, 
 def _with_auto_workers(config, split: str, **kwargs):
   """A copy of ``config`` with data.num_workers and data.prefetch_buffer_size chosen by
   storage.auto_performance over the same pipeline built without workers."""
+  _, process_count = _process(kwargs["process_index"], kwargs["process_count"])
+  rows = int(config.data.batch_size) // process_count
   probe = config.copy_and_resolve_references()
   with probe.data.ignore_type():  # the field holds the string "auto"
     probe.data.num_workers = 0
-    workers, buffer = storage_lib.auto_performance(probe, make_dataset(probe, split, **kwargs))
-    probe.data.num_workers, probe.data.prefetch_buffer_size = workers, buffer
-  return probe
+    probe.data.batch_size = process_count  # one row per batch: the tool reads 10 rows,
+    # not 10 batches, and sizes per row against the budget's share of one row
+    workers, buffer = storage_lib.auto_performance(probe, make_dataset(probe, split, **kwargs),
+                                                   rows_per_batch=rows)
+  out = config.copy_and_resolve_references()
+  with out.data.ignore_type():
+    out.data.num_workers, out.data.prefetch_buffer_size = workers, buffer
+  return out
 
 
 def make_iterator(config, split: str, *, process_index=None, process_count=None, seed=None,

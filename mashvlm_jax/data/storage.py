@@ -378,11 +378,13 @@ def ram_budget_mb(config) -> int:
   return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20 / 2)
 
 
-def auto_performance(config, probe_dataset) -> tuple[int, int]:
+def auto_performance(config, probe_dataset, rows_per_batch: int = 1) -> tuple[int, int]:
   """(num_workers, prefetch_buffer_size) for data.num_workers="auto": Grain's own
-  ``grain.experimental.pick_performance_config`` over ``probe_dataset`` (the batched
-  pipeline without workers), within ram_budget_mb and at most one worker per CPU core
-  and data.prefetch_buffer_size; logged."""
+  ``grain.experimental.pick_performance_config`` over ``probe_dataset`` (the pipeline
+  without workers, batched by one row), within ram_budget_mb and at most one worker per
+  CPU core and data.prefetch_buffer_size; logged. Grain divides the budget by the size of
+  an element, so the budget handed to it is ram_budget_mb / ``rows_per_batch``: the same
+  choice as over the real batches, for rows_per_batch times fewer rows decoded."""
   if not hasattr(grain.experimental, "pick_performance_config"):
     raise ValueError(f"data.num_workers='auto' uses grain.experimental."
                      f"pick_performance_config, which grain {grain.__version__} lacks; "
@@ -391,7 +393,7 @@ def auto_performance(config, probe_dataset) -> tuple[int, int]:
   budget = ram_budget_mb(config)
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   chosen = grain.experimental.pick_performance_config(
-      probe_dataset, ram_budget_mb=budget, max_workers=cores,
+      probe_dataset, ram_budget_mb=budget / max(1, int(rows_per_batch)), max_workers=cores,
       max_buffer_size=int(config.data.prefetch_buffer_size))
   workers = max(1, int(chosen.multiprocessing_options.num_workers))
   buffer = max(1, int(chosen.read_options.prefetch_buffer_size))
