@@ -108,6 +108,25 @@ def test_jpeg_and_source_frames_match_raw_for_the_same_indices(root):
                                 video.read_video(path, T, "middle", SIZE, start=0.2, end=0.8))
 
 
+def test_built_formats_give_the_raw_formats_evaluation_frames(root, tmp_path):
+  """The natural clip built as raw, jpeg and source: evaluation frames (``middle``) of
+  source equal raw's, jpeg's are within JPEG loss of them."""
+  (tmp_path / "natural.json").write_text(json.dumps(
+      [{"video": "natural.mp4", "QA": [{"i": "", "q": QUESTION, "a": ANSWER}]}]))
+  frames = {}
+  for fmt in ("raw", "jpeg", "source"):
+    config = local_config(root, fmt, annotations={"test": str(tmp_path / "natural.json")},
+                          data_dir=str(tmp_path / "cache"),
+                          jpeg=dict(quality=90, short_side=0, max_frames=32, fps=0.0))
+    registry.ensure_built(config)
+    frames[fmt] = pipeline.make_eval_records(config, "test")[0]["frames"]
+  assert frames["raw"].shape == (T, SIZE, SIZE, 3)
+  np.testing.assert_array_equal(frames["source"], frames["raw"])
+  round_trip = np.stack([np.asarray(Image.open(io.BytesIO(storage.encode_jpeg(f, 90))))
+                         for f in frames["raw"]])
+  assert mean_abs(frames["jpeg"], frames["raw"]) <= 1.25 * mean_abs(round_trip, frames["raw"])
+
+
 def test_jpeg_keeps_cap_frames_and_samples_among_them(root):
   """A 52-frame clip with max_frames=16 keeps the 16 ``middle`` frames; a visit's T
   frames are the rule's picks among those 16 (read back from the bands)."""
