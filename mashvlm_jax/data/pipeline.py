@@ -19,6 +19,8 @@ the batch's bucket):
   label_mask  float32 [B, L]  1.0 exactly where labels[:, i] is an answer token (answers
                               and their </s>), else 0
 Loss = sum(label_mask * xent(logits, labels)) / sum(label_mask).
+With data.storage "jpeg" or "source" (storage.py) batches also carry read_failures int32
+[B]: the undecodable records skipped before each row (the trainer logs their sum).
 """
 from __future__ import annotations
 
