@@ -347,3 +347,19 @@ def test_trainer_logs_read_failures(root, tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
           .splitlines()]
   assert [r.get("read_failures", 0) for r in rows if r.get("step") == 2] == [1]
+
+
+@pytest.mark.slow  # writes two videos and builds and reads them in three formats
+def test_video_data_benchmark_runs(tmp_path):
+  import subprocess
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "video_data.py"), "--videos=2",
+       "--batches=1", "--batch=2", "--workers=1", "--out=bench"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=900,
+      env=dict(__import__("os").environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads((tmp_path / "bench" / "results.json").read_text())
+  assert [r["format"] for r in results["rows"]] == ["raw", "jpeg", "source"]
+  for row in results["rows"]:
+    assert row["cores_needed"] == pytest.approx(results["need"] / row["clips_per_cpu_s"])
+  assert "7B train step on v5p-64" in out.stdout and "source" in out.stdout
