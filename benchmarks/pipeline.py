@@ -29,7 +29,8 @@ def pipeline_throughput(config, num_workers: int, num_batches: int = 60) -> dict
   """{"workers", "startup_s", "samples_per_s"} for the train split of ``config``."""
   from mashvlm_jax.data import pipeline
   config = config.copy_and_resolve_references()
-  config.data.num_workers = num_workers
+  with config.data.ignore_type():  # configs/mashvlm_7b.py holds the string "auto"
+    config.data.num_workers = num_workers
   t0 = time.perf_counter()
   it = pipeline.make_iterator(config, config.data.train_split, process_index=0,
                               process_count=1)

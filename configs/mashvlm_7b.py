@@ -4,6 +4,8 @@
 Variants: --config=configs/mashvlm_7b.py:ablation=t6_disable_none,remat=dots
 Recipes: recipe=utr (Video-UTR stage II, Table 9 and Table 8 of the UTR paper; see
 _utr_recipe and docs/design.md "UTR trajectory queries").
+Stage 1 (projector alignment on video-caption pairs, e.g. WebVid):
+  --config=configs/mashvlm_7b.py:stage=pretrain  (see ``pretrain_stage``)
 """
 import os
 
@@ -13,7 +15,8 @@ from mashvlm_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, ablation="mash", remat="full", dtype="bfloat16", recipe="")
+  arg = config_lib.parse_arg(arg, ablation="mash", remat="full", dtype="bfloat16",
+                             stage="instruct", recipe="")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.text_len = 512
@@ -87,7 +90,7 @@ def get_config(arg=None):
       template=dict(system="A chat between a curious user and an artificial intelligence "
                     "assistant. The assistant gives helpful, detailed, and polite answers "
                     "to the user's questions.", user="USER:", assistant="ASSISTANT:"),
-      num_workers=8,
+      num_workers="auto",  # grain.experimental.pick_performance_config (data/storage.py)
       num_threads=16,
       prefetch_buffer_size=256,
       annotations={},
@@ -98,7 +101,22 @@ def get_config(arg=None):
       # Share of train records in the tracks layout (UTR query rows) that make-data
       # reports against; 0 = no target.
       utr_share=0.0,
+      # "raw" (frames at the model's shape, sampled once at build), "jpeg" or "source"
+      # (sampled afresh at every visit in the workers): data/storage.py
+      storage="raw",
+      jpeg=dict(quality=90, short_side=256, max_frames=32, fps=0.0),
+      source_max_mb=64.0,
+      max_read_failure_share=0.01,  # undecodable records skipped at read time, up to this
+      ram_budget_mb=0,  # num_workers="auto": 0 = half the host's memory
   ))
+  if arg.stage == "pretrain":
+    pretrain_stage(config)
+  elif arg.stage != "instruct":
+    raise ValueError(f"config argument stage must be 'instruct' or 'pretrain', found "
+                     f"{arg.stage!r}")
+  if arg.recipe and arg.stage == "pretrain":
+    raise ValueError(f"recipe={arg.recipe} is an instruction-tuning recipe; it does not "
+                     f"combine with stage=pretrain")
   if arg.recipe == "utr":
     _utr_recipe(config)
   elif arg.recipe:
@@ -132,3 +150,17 @@ def _utr_recipe(config):
   config.data.utr_share = round(365 / 1255, 2)
   config.data.augment.random_resized_crop = False
   config.data.augment.flip = False
+
+
+def pretrain_stage(config) -> None:
+  """Stage 1, in place: train the projector only (the language model frozen beside the
+  vision tower) on captions (data.annotations = {"train": "webvid.csv"}, captions.py),
+  LLaVA-style: lr 1e-3, global batch 256, short text, JPEG storage sampled per visit."""
+  config.text_len = 128
+  config.total_steps = 5000
+  config.optim.lr = 1e-3
+  config.optim.warmup_steps = 150
+  config.optim.freeze = ["^language_model/"]  # + ^vision_tower/ (model.freeze_vision)
+  config.data.batch_size = 256
+  config.data.storage = "jpeg"
+  config.data.template.system = ""

@@ -89,6 +89,13 @@ def get_config(arg=None):
       build_sample_mode="middle",
       build_threads=4,
       max_failure_share=0.05,  # a build fails when more records than this are unusable
+      # users' data: "raw" frames sampled once at build, or "jpeg" / "source" sampled at
+      # every visit in the workers (data/storage.py; docs/design.md, storage formats)
+      storage="raw",
+      jpeg=dict(quality=90, short_side=0, max_frames=32, fps=0.0),
+      source_max_mb=64.0,
+      max_read_failure_share=0.01,  # jpeg/source: undecodable records skipped up to this
+      ram_budget_mb=0,  # num_workers="auto": 0 = half the host's memory
   ))
 
   # Training (mashvlm train): 2 CPU cores, about 10 minutes from a fresh machine.

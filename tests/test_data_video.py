@@ -11,9 +11,9 @@ from mashvlm_jax.data import video
 BANDS = 8
 
 
-def write_indexed_mp4(path, num_frames, fps=10, width=96, height=64):
-  """Frame i shows band b white iff bit b of i is set (survives lossy coding and
-  shorter-side resize + centre crop, since bands span the whole width)."""
+def write_indexed_mp4(path, num_frames, fps=10, width=96, height=64, first=0):
+  """Frame i shows band b white iff bit b of ``first + i`` is set (survives lossy coding
+  and shorter-side resize + centre crop, since bands span the whole width)."""
   with av.open(str(path), "w") as out:
     stream = out.add_stream("libx264", rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -22,7 +22,7 @@ def write_indexed_mp4(path, num_frames, fps=10, width=96, height=64):
     for i in range(num_frames):
       img = np.zeros((height, width, 3), np.uint8)
       for b in range(BANDS):
-        if (i >> b) & 1:
+        if ((first + i) >> b) & 1:
           img[b * band:(b + 1) * band] = 255
       for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
         out.mux(packet)

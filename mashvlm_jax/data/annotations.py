@@ -292,8 +292,11 @@ def read_items(path: str | os.PathLike, video_root: str,
   """Items and record failures of one annotation file (or directory of task files).
 
   A file that is not valid JSON or not a list raises (it is a configuration error, not a
-  bad record).
+  bad record). A .csv or .jsonl file holds (video, caption) rows (captions.py).
   """
+  if pathlib.Path(path).suffix in (".csv", ".jsonl"):
+    from mashvlm_jax.data import captions
+    return captions.read_items(path, video_root)
   items, failures = [], []
   for file in json_files(path):
     try:

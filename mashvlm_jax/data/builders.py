@@ -11,6 +11,8 @@ Stored features of every example (``features(T, S)``):
   scene       text    scene label ("" when unknown)
   candidates  [text]  multiple-choice options (MVBench), else empty
   qa          sequence of {i, q, a, task, aspect, pair}: see tasks/__init__.py
+Users' data stored as data.storage "jpeg" or "source" replace ``video`` by the encoded
+fields of storage.py (JPEG frames or the video file's bytes, sampled at every visit).
 
 Builds are atomic: TFDS writes into an ``incomplete.*`` directory that is renamed only
 when every split (and, for the synthetic set, its ``tokenizer.json``) is written, and
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mashvlm_jax.data import annotations, synthetic, tokenizer, video
+from mashvlm_jax.data import annotations, storage, synthetic, tokenizer, video
 from mashvlm_jax.data.chat import ChatTemplate
 from mashvlm_jax.data.tasks import families, open_ended, train_mix, unscene_binary, vocabulary
 
@@ -277,11 +279,14 @@ class LocalConfig(tfds.core.BuilderConfig):
   max_failure_share: float = 0.05
   num_threads: int = 4
   seed: int = 0
+  storage: storage.StorageSpec = storage.StorageSpec()  # data.storage: raw | jpeg | source
 
 
 class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
-  """Users' videos with VideoChat2-IT, MVBench or UNSCENE annotations, decoded and
-  frame-sampled at build time (video.read_video, ``sample_mode``, no random draws)."""
+  """Users' videos with VideoChat2-IT, MVBench or UNSCENE annotations (or caption rows,
+  captions.py), decoded and frame-sampled at build time (video.read_video,
+  ``sample_mode``, no random draws), or stored encoded for sampling at every visit
+  (``storage``: jpeg or source, storage.py)."""
   VERSION = tfds.core.Version("1.0.0")
 
   def __init__(self, *args, **kwargs):
@@ -290,8 +295,10 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     cfg = self.builder_config
-    return tfds.core.DatasetInfo(builder=self, description=__doc__,
-                                 features=features(cfg.num_frames, cfg.size))
+    feats = features(cfg.num_frames, cfg.size)
+    if cfg.storage.format != "raw":  # encoded frames or the source file (storage.py)
+      feats = storage.encoded_features({k: v for k, v in feats.items() if k != "video"})
+    return tfds.core.DatasetInfo(builder=self, description=__doc__, features=feats)
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -304,16 +311,21 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     meta = {}
     try:
-      frames = video.read_video(item.video, cfg.num_frames, cfg.sample_mode, cfg.size,
-                                start=item.start, end=item.end, meta=meta)
+      frames = self._read(item, meta)
     except FileNotFoundError as e:
       return None, (str(e), "missing video")
     except video.VideoDecodeError as e:
       return None, (str(e), "undecodable video")
+    except storage.SourceTooLarge as e:
+      return None, (str(e), "video over data.source_max_mb")
     except ValueError as e:
       return None, (str(e), "bad bounds")
     if item.tracks:  # UTR query rows need the sampled frames (tasks/utr.py)
       from mashvlm_jax.data.tasks import utr
+      if cfg.storage.format != "raw":
+        return None, (f"field 'tracks': boxes follow the frames sampled at build time, so "
+                      f"tracks need data.storage='raw', found {cfg.storage.format!r}",
+                      "bad record")
       if any(p[0] is None for t in item.tracks for p in t.points) and not meta["fps"] > 0:
         return None, ("field 'tracks' gives times but the video's fps is unknown",
                       "bad record")
@@ -323,9 +335,23 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
         return None, (f"no track is in every sampled frame (frames {meta['indices'].tolist()}) "
                       f"and at least 1/32 of the {cfg.size}x{cfg.size} frame in each",
                       "no usable track")
-    return example(id=item.key, frames=frames, qa=item.qa, source=item.source,
-                   task=item.task, kind=item.kind, action=item.action, scene=item.scene,
-                   candidates=item.candidates), None
+    out = example(id=item.key, frames=frames, qa=item.qa, source=item.source,
+                  task=item.task, kind=item.kind, action=item.action, scene=item.scene,
+                  candidates=item.candidates)
+    if isinstance(frames, dict):  # an encoded format's video fields (storage.py)
+      out.update(frames)
+    return out, None
+
+  def _read(self, item: annotations.Item, meta: dict):
+    """The record's video: uint8 [T, S, S, 3] (raw; ``meta`` receives the sampled frame
+    indices, fps and decoded size, video.read_video) or the encoded fields (jpeg, source)."""
+    cfg = self.builder_config
+    if cfg.storage.format == "jpeg":
+      return storage.jpeg_record(item.video, cfg.size, cfg.storage, item.start, item.end)
+    if cfg.storage.format == "source":
+      return storage.source_record(item.video, cfg.storage, item.start, item.end)
+    return video.read_video(item.video, cfg.num_frames, cfg.sample_mode, cfg.size,
+                            start=item.start, end=item.end, meta=meta)
 
   def _generate_examples(self, split, sources):
     cfg = self.builder_config

@@ -19,6 +19,8 @@ the batch's bucket):
   label_mask  float32 [B, L]  1.0 exactly where labels[:, i] is an answer token (answers
                               and their </s>), else 0
 Loss = sum(label_mask * xent(logits, labels)) / sum(label_mask).
+With data.storage "jpeg" or "source" (storage.py) batches also carry read_failures int32
+[B]: the undecodable records skipped before each row (the trainer logs their sum).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from mashvlm_jax.data import buckets as buckets_lib
 from mashvlm_jax.data import chat, frames as frames_lib, registry, row_filter
+from mashvlm_jax.data import storage as storage_lib
 from mashvlm_jax.data.tasks import families
 from mashvlm_jax.data.registry import ensure_built  # noqa: F401  (the trainer's entry)
 
@@ -49,7 +52,7 @@ def decode_record(raw: dict) -> dict:
   candidates (list of str), qa (list of {i, q, a, task, aspect: str, pair: int}).
   """
   out = {k: _text(raw[k]) for k in ("id", "source", "task", "kind", "action", "scene")}
-  out["video"] = np.asarray(raw["video"])
+  out["video"] = storage_lib.stored_video(raw)  # an EncodedClip for jpeg/source storage
   out["candidates"] = [_text(c) for c in raw["candidates"]]
   qa = raw["qa"]
   fields = ("i", "q", "a", "task", "aspect")
@@ -88,6 +91,8 @@ class ExampleTransform:
   def frames(self, video: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     aug = self.augment
     mode = self.sample_mode if aug else "middle"
+    # jpeg/source storage: the VideoChat2 rule over the stored or source frames, per visit
+    video = storage_lib.model_frames(video, self.num_frames, mode, self.image_size, rng)
     video = frames_lib.resample(video, self.num_frames, mode, rng)
     if aug and aug.get("random_resized_crop"):
       video = frames_lib.random_resized_crop(video, rng, self.image_size,
@@ -173,6 +178,11 @@ def make_dataset(config, split: str, *, process_index=None, process_count=None, 
                  shuffle=True, num_epochs=None, augment=None) -> grain.IterDataset:
   """The batched IterDataset behind ``make_iterator`` (same arguments)."""
   d = config.data
+  if str(d.num_workers) == "auto":  # Grain's performance tooling picks workers and buffer
+    config = _with_auto_workers(config, split, process_index=process_index,
+                                process_count=process_count, seed=seed, shuffle=shuffle,
+                                num_epochs=num_epochs, augment=augment)
+    d = config.data
   process_index, process_count = _process(process_index, process_count)
   if d.batch_size % process_count:
     raise ValueError(f"data.batch_size={d.batch_size} (global) is not divisible by the "
@@ -195,9 +205,18 @@ def make_dataset(config, split: str, *, process_index=None, process_count=None, 
     """The global stream: seeded shuffle, ``fn`` keyed by stream position, repeat."""
     if shuffle:
       records = records.shuffle(seed=int(stream[0]))
-    return records.random_map(fn, seed=int(stream[1])).repeat(num_epochs)
+    records = records.random_map(fn, seed=int(stream[1]))
+    if encoded and fn is transform:  # undecodable records: skipped, counted, bounded
+      records = storage_lib.SkipCorrupt(
+          records, float(d.get("max_read_failure_share", storage_lib.MAX_READ_FAILURE_SHARE)))
+    return records.repeat(num_epochs)
 
   transform = example_transform(config, split, augment)
+  encoded = storage_lib.spec(config).format != "raw"
+  if encoded and buckets:
+    raise ValueError(f"data.text_buckets is not supported with data.storage="
+                     f"{d.storage!r} yet: a skipped undecodable record's replacement can be "
+                     f"longer than its planned bucket; set data.text_buckets=()")
   ds = walk(ds, transform)
   if buckets:
     # The same walk over the records' text gives every row's token count (buckets.py).
@@ -223,6 +242,24 @@ def make_dataset(config, split: str, *, process_index=None, process_count=None, 
       flags.FLAGS.mark_as_parsed()   # (scripts, notebooks, tests) use their defaults.
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
   return it
+
+
+def _with_auto_workers(config, split: str, **kwargs):
+  """A copy of ``config`` with data.num_workers and data.prefetch_buffer_size chosen by
+  storage.auto_performance over the same pipeline built without workers."""
+  _, process_count = _process(kwargs["process_index"], kwargs["process_count"])
+  rows = int(config.data.batch_size) // process_count
+  probe = config.copy_and_resolve_references()
+  with probe.data.ignore_type():  # the field holds the string "auto"
+    probe.data.num_workers = 0
+    probe.data.batch_size = process_count  # one row per batch: the tool reads 10 rows,
+    # not 10 batches, and sizes per row against the budget's share of one row
+    workers, buffer = storage_lib.auto_performance(probe, make_dataset(probe, split, **kwargs),
+                                                   rows_per_batch=rows)
+  out = config.copy_and_resolve_references()
+  with out.data.ignore_type():
+    out.data.num_workers, out.data.prefetch_buffer_size = workers, buffer
+  return out
 
 
 def make_iterator(config, split: str, *, process_index=None, process_count=None, seed=None,
@@ -252,7 +289,9 @@ class _EvalRecord:
 
   def __call__(self, raw):
     record = decode_record(raw)
-    video = frames_lib.resample(record.pop("video"), self.num_frames, "middle")
+    video = storage_lib.model_frames(record.pop("video"), self.num_frames, "middle",
+                                     self.image_size)
+    video = frames_lib.resample(video, self.num_frames, "middle")
     record["frames"] = frames_lib.resize(video, self.image_size)
     return record
 

@@ -14,7 +14,7 @@ import os
 import pathlib
 
 from mashvlm_jax import paths
-from mashvlm_jax.data import builders
+from mashvlm_jax.data import builders, storage
 from mashvlm_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger("mashvlm.data")
@@ -71,6 +71,8 @@ def _fingerprint(srcs, params) -> str:
 def builder(config):
   """The TFDS builder instance the config names (nothing is built or read)."""
   d = config.data
+  storage.check_readable(config)  # gs:// that the readers cannot open: say so at start
+  store = storage.spec(config)
   frames, size = stored_shape(config)
   common = dict(data_dir=data_dir(config), file_format="array_record")
   if d.name == "synthetic_unscene":
@@ -83,12 +85,14 @@ def builder(config):
     return builders.SyntheticUnscene(config=cfg.name if cfg.name in known else cfg, **common)
   if d.name == "local_video_qa":
     srcs = sources(config)
-    params = dict(frames=frames, size=size, mode=d.build_sample_mode, seed=int(d.seed))
+    params = dict(frames=frames, size=size, mode=d.build_sample_mode, seed=int(d.seed),
+                  **store.params())
     cfg = builders.LocalConfig(
         name=f"local_{_fingerprint(srcs, params)}", sources=srcs, num_frames=frames,
         size=size, sample_mode=d.build_sample_mode,
         max_failure_share=float(d.max_failure_share), num_threads=int(d.build_threads),
-        seed=int(d.seed), description=f"local annotations {[s[1] for s in srcs]}")
+        seed=int(d.seed), storage=store,
+        description=f"local annotations {[s[1] for s in srcs]}")
     return builders.LocalVideoQa(config=cfg, **common)
   raise ValueError(f"unknown data.name {d.name!r}; known: {NAMES}")
 

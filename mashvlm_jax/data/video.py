@@ -5,6 +5,7 @@ the frames it needs and returns uint8 [T, size, size, 3] RGB.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -89,11 +90,18 @@ def resize_geometry(width: int, height: int, size: int) -> tuple[int, int, int, 
   return new_w, new_h, (new_w - size) // 2, (new_h - size) // 2
 
 
-def probe(path: str | os.PathLike) -> tuple[int, float]:
-  """(number of frames, frames per second) of the first video stream; counts frames by
-  decoding when the container does not say."""
+def _open(src):
+  """PyAV container of a file path or of a video file's bytes held in memory."""
   import av
-  with av.open(os.fspath(path)) as container:
+  if isinstance(src, (bytes, bytearray, memoryview)):
+    return av.open(io.BytesIO(src))
+  return av.open(os.fspath(src))
+
+
+def probe(path) -> tuple[int, float]:
+  """(number of frames, frames per second) of the first video stream of a file path or
+  of a file's bytes; counts frames by decoding when the container does not say."""
+  with _open(path) as container:
     stream = container.streams.video[0]
     fps = float(stream.average_rate or stream.guessed_rate or 0.0)
     count = stream.frames
@@ -102,18 +110,19 @@ def probe(path: str | os.PathLike) -> tuple[int, float]:
   return count, fps
 
 
-def _decode(path, wanted: set, size, geometry: dict | None = None):
-  """{index: rgb} for the wanted frame indices, and the number of frames decoded;
-  ``geometry`` (a dict) receives the decoded frames' width and height."""
-  import av
+def _decode(path, wanted: set, size, convert=None, geometry: dict | None = None):
+  """{index: rgb} for the wanted frame indices, and the number of frames decoded.
+  ``convert(frame)`` replaces the default ``_to_rgb(frame, size)``; ``geometry`` (a dict)
+  receives the decoded frames' width and height."""
   out, count = {}, 0
   last = max(wanted)
-  with av.open(os.fspath(path)) as container:
+  convert = convert or (lambda frame: _to_rgb(frame, size))
+  with _open(path) as container:
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     for count, frame in enumerate(container.decode(stream), start=1):
       if count - 1 in wanted:
-        out[count - 1] = _to_rgb(frame, size)
+        out[count - 1] = convert(frame)
         if geometry is not None:
           geometry.update(width=frame.width, height=frame.height)
       if count - 1 >= last:
@@ -136,25 +145,36 @@ def read_video(path: str | os.PathLike, num_frames: int, mode: str = "middle",
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"video file {path} does not exist")
+  return read_frames(path, path, num_frames, mode, size, rng=rng, start=start, end=end,
+                     meta=meta)
+
+
+def read_frames(src, name: str, num_frames: int, mode: str = "middle",
+                size: int | None = 224, *, rng: np.random.Generator | int | None = None,
+                start: float | None = None, end: float | None = None,
+                convert=None, meta: dict | None = None) -> np.ndarray:
+  """``read_video`` of a file path or of a video file's bytes (``src``); ``name`` is what
+  errors call it. ``convert(frame)`` replaces the shorter-side resize + centre crop;
+  ``meta`` as in ``read_video``."""
   import av
   try:
-    count, fps = probe(path)
+    count, fps = probe(src)
   except (av.error.FFmpegError, IndexError) as e:
-    raise VideoDecodeError(f"{path}: cannot open ({type(e).__name__}: {e})") from e
+    raise VideoDecodeError(f"{name}: cannot open ({type(e).__name__}: {e})") from e
   if count < 1:
-    raise VideoDecodeError(f"{path}: no decodable video frames")
+    raise VideoDecodeError(f"{name}: no decodable video frames")
   indices = sample_frame_indices(count, num_frames, mode, rng, start, end, fps)
   try:
     geometry = {}
-    frames, decoded = _decode(path, set(indices.tolist()), size, geometry)
+    frames, decoded = _decode(src, set(indices.tolist()), size, convert, geometry)
     if len(frames) < len(set(indices.tolist())):
       # The container announced more frames than it holds: sample again from the truth.
       indices = sample_frame_indices(decoded, num_frames, mode, rng, start, end, fps)
-      frames, _ = _decode(path, set(indices.tolist()), size, geometry)
+      frames, _ = _decode(src, set(indices.tolist()), size, convert, geometry)
   except (av.error.FFmpegError, IndexError) as e:
-    raise VideoDecodeError(f"{path}: cannot decode ({type(e).__name__}: {e})") from e
+    raise VideoDecodeError(f"{name}: cannot decode ({type(e).__name__}: {e})") from e
   if decoded < 1 or len(frames) < len(set(indices.tolist())):
-    raise VideoDecodeError(f"{path}: {decoded} of {count} announced frames decoded")
+    raise VideoDecodeError(f"{name}: {decoded} of {count} announced frames decoded")
   if meta is not None:
     meta.update(geometry, indices=indices.copy(), fps=fps)
   return np.stack([frames[i] for i in indices.tolist()])

@@ -412,6 +412,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_metrics: dict = {}
   preempted = False
   window = StepWindow()
+  read_failures = 0  # undecodable records skipped by this process since the (re)start
 
   def save(step):
     checkpointer.save(step, state, iterator.get_state())
@@ -420,6 +421,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with PreemptionFlag() as flag:
       for step in range(start + 1, total + 1):
         local = next(iterator)
+        # jpeg/source storage: undecodable records skipped for this batch (storage.py)
+        read_failures += int(np.sum(local.get("read_failures", 0)))
         local = {k: np.asarray(local[k]) for k in BATCH_KEYS}
         text_len = int(local["text_ids"].shape[1])
         text_tokens = int(local["text_mask"].sum()) * jax.process_count()  # global, estimated
@@ -452,6 +455,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           # process's rows; all of them on one host)
           last_metrics.update(text_len=text_len,
                               padded_share=buckets_lib.padded_share(local["text_mask"]))
+          if read_failures:
+            last_metrics.update(read_failures=read_failures)
           if window.steps:  # no timing when the window only held a compiling step
             last_metrics.update(window.rates(peak_total))
           logger.write(step, last_metrics)
