@@ -1,7 +1,7 @@
 """The training mixture for one synthetic clip: captions, action/scene questions and
 yes/no questions whose "No" side is a hallucination negative.
 
-Per clip with an actor (7 QAs): a caption, "What is the person doing?", "Where does this
+Per clip with an actor (8 QAs): a caption, "What is the person doing?", "Where does this
 video take place?", action Yes/No (ground truth vs the scene's typical action), scene
 Yes/No (ground truth vs the action's typical scene) and "only <scene>, no one in it?" ->
 No. Per scene-only clip (5 QAs): a caption, "What is the person doing?" -> no one is
