@@ -345,3 +345,140 @@ def test_one_pass_scoring_with_the_token_equals_the_full_forward():
     want = [logp[row, i, prompt[i + 1]] for i in range(len(prompt) - 1)]
     np.testing.assert_allclose(got.token_logprobs[row, :len(prompt) - 1], want, atol=1e-4)
     np.testing.assert_allclose(got.next_logprobs[row], logp[row, len(prompt) - 1], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ export
+
+def test_export_torch_and_torch_reference_with_the_token(tmp_path):
+  """export-torch writes the token and heads (the name table covers each leaf once) and
+  the PyTorch reference gives the JAX logits and head logits (tolerance of
+  test_torch_reference.py)."""
+  from conftest import require
+  require("torch")
+  from mashvlm_jax import torch_reference
+  from mashvlm_jax.convert import params_io, torch_export
+  from test_torch_reference import inputs, random_params
+  cfg = tiny(**LOSS)[0]
+  params = random_params(cfg)
+  tensors = param_map.plan("action_token", params["action_token"])
+  assert sorted(t.hf for t in tensors) == ["action_head.weight", "embedding",
+                                           "noun_head.weight", "verb_head.weight"]
+  assert {t.hf: t.hf_shape for t in tensors}["noun_head.weight"] == (8, cfg.llm.hidden_size)
+  params_io.save_params(tmp_path / "ckpt", params, cfg)
+  loaded, _ = params_io.load_params(tmp_path / "ckpt")
+  out = torch_export.export_torch(loaded, cfg, tmp_path / "export")
+  config = json.loads((out / torch_export.MASH_CONFIG).read_text())
+  assert config["files"]["action_token"] == torch_export.ACTION_TOKEN_FILE
+  assert "[action 1]" in config["token_split"]["sequence"]
+  frames, text, mask = inputs(cfg)
+  want_logits, want_heads = forward(cfg, True)({"params": params}, frames, text, mask)
+  reference = torch_reference.load(out)
+  logits, heads = reference.forward(frames, text, mask)
+  assert np.abs(logits.numpy() - np.asarray(want_logits))[mask].max() <= 1e-4
+  np.testing.assert_array_equal(reference.logits(frames, text, mask).numpy(), logits.numpy())
+  for head in HEADS:
+    assert heads[head].shape == want_heads[head].shape
+    assert np.abs(heads[head].numpy() - np.asarray(want_heads[head])).max() <= 1e-4, head
+  assert np.abs(np.asarray(want_heads["action"])).max() > 1e-2  # not all zero
+  # a model without the token exports no token file and its reference returns no heads
+  plain = dataclasses.replace(cfg, action_token=dataclasses.replace(cfg.action_token,
+                                                                    enabled=False))
+  bare = {k: v for k, v in loaded.items() if k != "action_token"}
+  out = torch_export.export_torch(bare, plain, tmp_path / "plain")
+  assert not (out / torch_export.ACTION_TOKEN_FILE).exists()
+  assert torch_reference.load(out).forward(frames, text, mask)[1] == {}
+
+
+# ------------------------------------------------------------------------------ data, train
+
+def test_record_class_labels_rules():
+  """Synthetic: tasks/mqa.clip_labels of action and scene, -1s for a scene-only clip;
+  a record's own class_labels field wins; users' records without one get -1s."""
+  from mashvlm_jax.data import pipeline
+  from mashvlm_jax.data.tasks import mqa
+  clip = {"id": "a", "action": "running", "scene": "beach"}
+  want = mqa.clip_labels("running", "beach")
+  verb, noun = mqa.VERBS.index("running"), mqa.NOUNS.index("beach")
+  assert want == (verb, noun, verb * 8 + noun)
+  np.testing.assert_array_equal(pipeline.record_class_labels({}, clip, True), want)
+  scene_only = dict(clip, action="")
+  np.testing.assert_array_equal(pipeline.record_class_labels({}, scene_only, True), [-1] * 3)
+  np.testing.assert_array_equal(pipeline.record_class_labels({}, clip, False), [-1] * 3)
+  own = {"class_labels": np.array([3, 7, 40])}
+  np.testing.assert_array_equal(pipeline.record_class_labels(own, clip, False), [3, 7, 40])
+  for bad in ([1, 2], [1.5, 2, 3], [0, -2, 1]):
+    with pytest.raises(ValueError, match="'a': class_labels must be 3 integer"):
+      pipeline.record_class_labels({"class_labels": np.array(bad)}, clip, False)
+  with pytest.raises(ValueError, match="unknown synthetic action 'flying'"):
+    pipeline.record_class_labels({}, dict(clip, action="flying"), True)
+
+
+def cli(cwd, command, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.pop("MASHVLM_DATA_DIR", None)  # the config's ./data_cache, under cwd
+  env.pop("PYTEST_CURRENT_TEST", None)
+  return subprocess.run([sys.executable, "-m", "mashvlm_jax.cli", command, *args], cwd=cwd,
+                        env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_pipeline_labels_and_a_short_training_run_log_the_heads(tmp_path):
+  """On the tiny synthetic set with the token enabled: every batch row's class_labels are
+  its clip's (verb, noun, action); `mashvlm train` (relative paths) logs the heads' losses
+  and accuracies, and the logged loss is lm_loss + 0.05 (0.5 verb + 0.5 noun + 0.1
+  action)."""
+  import shutil
+  from mashvlm_jax.data import pipeline, registry
+  from mashvlm_jax.data.tasks import mqa
+  (tmp_path / "configs").mkdir()
+  shutil.copy(ROOT / "configs" / "tiny_synthetic.py", tmp_path / "configs")
+  flags = ["--config=configs/tiny_synthetic.py", "--config.data.builder_config=tiny",
+           "--config.model.action_token.enabled=True"]
+  out = cli(tmp_path, "make-data", *flags)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  config = load_config("tiny_synthetic")
+  config.data.update(builder_config="tiny", data_dir=str(tmp_path / "data_cache"))
+  config.model.action_token.enabled = True
+  transform = pipeline.example_transform(config, "train")
+  source = registry.data_source(config, "train")
+  rng = np.random.default_rng(0)
+  for index in range(min(len(source), 12)):
+    raw = source[index]
+    record = pipeline.decode_record(raw)
+    labels = mqa.clip_labels(record["action"], record["scene"])
+    want = [-1, -1, -1] if labels is None else list(labels)
+    np.testing.assert_array_equal(transform(raw, rng)["class_labels"], want)
+  batch = next(pipeline.make_iterator(config, "train", process_index=0, process_count=1))
+  assert batch["class_labels"].dtype == np.int32
+  assert batch["class_labels"].shape == (config.data.batch_size, 3)
+  assert set(pipeline.batch_keys(True)) <= set(batch)
+
+  out = cli(tmp_path, "train", *flags, "--workdir=run", "--config.total_steps=3",
+            "--config.log_every=1", "--config.checkpoint_every=3",
+            "--config.data.batch_size=4", "--config.data.text_len=24")
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+          .splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for row in rows:
+    for head in HEADS:
+      assert 0.0 <= row[f"{head}_accuracy"] <= 1.0 and row[f"{head}_loss"] > 0
+    assert 1 <= row["labelled_rows"] <= 4
+    heads = 0.5 * row["verb_loss"] + 0.5 * row["noun_loss"] + 0.1 * row["action_loss"]
+    assert row["loss"] == pytest.approx(row["lm_loss"] + 0.05 * heads, rel=1e-5)
+  stored = json.loads((tmp_path / "run" / "model_config.json").read_text())
+  assert stored["action_token"]["enabled"] is True
+
+
+def test_compile_check_lowers_the_step_with_class_labels():
+  """`mashvlm compile`'s check builds the batch contract with class_labels [B, 3] and
+  compiles the train step with the heads' loss (a 1-chip slice on the CPU device)."""
+  from mashvlm_jax.train import compile_check
+  config = load_config("tiny_synthetic")
+  config.model.action_token.enabled = True
+  config.data.update(batch_size=2, text_len=16)
+  report = compile_check.check(config, "v6e-1", attention_backend="dense",
+                               mesh={"data": 1}, devices=jax.devices()[:1])
+  m, n = ModelConfig.from_dict(config.model).video_token_counts
+  assert report.seq_len == m + n + 1 + 16
+  assert report.error is None and report.memory.total > 0
