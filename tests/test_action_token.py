@@ -421,6 +421,7 @@ def cli(cwd, command, *args):
                         env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # make-data and a 3-step CLI run / a train-step compile
 def test_pipeline_labels_and_a_short_training_run_log_the_heads(tmp_path):
   """On the tiny synthetic set with the token enabled: every batch row's class_labels are
   its clip's (verb, noun, action); `mashvlm train` (relative paths) logs the heads' losses
@@ -470,6 +471,7 @@ def test_pipeline_labels_and_a_short_training_run_log_the_heads(tmp_path):
   assert stored["action_token"]["enabled"] is True
 
 
+@pytest.mark.slow  # make-data and a 3-step CLI run / a train-step compile
 def test_compile_check_lowers_the_step_with_class_labels():
   """`mashvlm compile`'s check builds the batch contract with class_labels [B, 3] and
   compiles the train step with the heads' loss (a 1-chip slice on the CPU device)."""
