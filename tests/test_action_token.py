@@ -272,14 +272,10 @@ def test_lambda_zero_gives_the_lm_loss():
 
 
 def test_heads_need_the_token():
-  cfg, params = tiny(**LOSS)
-  plain = dataclasses.replace(cfg, action_token=dataclasses.replace(cfg.action_token,
-                                                                    enabled=False))
+  plain = token_config(enabled=False)
   frames, text = frames_for(1), np.zeros((1, 3), np.int32)
-  with pytest.raises(ValueError, match="action_token.enabled"):
-    mashvlm.MashVLM(plain).apply({"params": {k: v for k, v in params.items()
-                                             if k != "action_token"}}, frames, text,
-                                 with_heads=True)
+  with pytest.raises(ValueError, match="with_heads needs model.action_token.enabled"):
+    mashvlm.MashVLM(plain).apply({"params": {}}, frames, text, with_heads=True)
 
 
 # ------------------------------------------------------------------------------ decoding

@@ -127,6 +127,8 @@ class MashVLM(nn.Module):
       rve_from: with ``rve``, int[B]: the text index from which rows are enhanced
         (default: each row's last real token).
     """
+    if with_heads and not self.cfg.action_token.enabled:
+      raise ValueError("with_heads needs model.action_token.enabled")
     if text_mask is None:
       text_mask = jnp.ones(text_ids.shape, bool)
     embeds, _, ids, mask = self.sequence(frames, text_ids, text_mask)
@@ -134,8 +136,6 @@ class MashVLM(nn.Module):
     hidden = self.language_model(embeds, ids, mask, rve_rows=rows)
     logits = self.language_model.logits(hidden[:, -text_ids.shape[1]:])
     if not self.cfg.action_token.enabled:
-      if with_heads:
-        raise ValueError("with_heads needs model.action_token.enabled")
       return logits
     heads = self.action_heads(hidden)  # always traced: init creates the heads' params
     return (logits, heads) if with_heads else logits
