@@ -480,3 +480,21 @@ def test_compile_check_lowers_the_step_with_class_labels():
   m, n = ModelConfig.from_dict(config.model).video_token_counts
   assert report.seq_len == m + n + 1 + 16
   assert report.error is None and report.memory.total > 0
+
+
+def test_captured_attention_of_the_token_row():
+  """The model's own attention probabilities (eval/plots.py capture, types with the token
+  as text): the token's row puts all its weight on the video keys and itself, none on
+  the text; the text rows attend to the token; `mashvlm info` names it."""
+  from mashvlm_jax.commands import info
+  from mashvlm_jax.eval import plots
+  cfg, params = tiny(**LOSS)
+  m, n = cfg.video_token_counts
+  probs, types = plots.attention_probs(cfg, params, frames_for(1)[0], PROMPTS[0])
+  assert probs.shape[-1] == types.shape[0] == cfg.prefix_len + len(PROMPTS[0])
+  assert types[m + n] == layout.TEXT
+  token = probs[:, m + n]  # [layers, S]
+  np.testing.assert_allclose(token[:, :m + n + 1].sum(-1), 1.0, atol=1e-5)
+  assert token[:, m + n + 1:].max() == 0.0
+  assert probs[:, m + n + 1:, m + n].min() > 0.0
+  assert f"action token at {m + n}" in info.describe_layout(cfg)
