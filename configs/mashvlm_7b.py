@@ -41,6 +41,10 @@ def get_config(arg=None):
       remat_policy=arg.remat,
       attention_backend="auto",  # splash on TPU, gpu on GPUs, dense on CPU
       scan_layers=True,  # one compiled layer body per tower
+      # LLaVAction's action token and heads (model/action_token.py), EPIC-KITCHENS-100
+      # classes: 97 verbs, 300 nouns, 3806 actions.
+      action_token=dict(enabled=False, num_verbs=97, num_nouns=300, num_actions=3806,
+                        loss_weight=0.05, head_weights=(0.5, 0.5, 0.1)),
   ))
   config_lib.apply_ablation(config.model, arg.ablation)
 

@@ -38,6 +38,10 @@ def get_config(arg=None):
       remat_policy="none",
       attention_backend="auto",  # splash on TPU, gpu on GPUs, dense on CPU
       scan_layers=False,  # 4 + 2 layers: unrolled is faster and compiles fast
+      # LLaVAction's action token and verb/noun/action heads (model/action_token.py);
+      # synthetic classes: verb = action (8), noun = scene (8), action = the pair (64).
+      action_token=dict(enabled=False, num_verbs=8, num_nouns=8, num_actions=64,
+                        loss_weight=0.05, head_weights=(0.5, 0.5, 0.1)),
   ))
   config_lib.apply_ablation(config.model, arg.ablation)
 

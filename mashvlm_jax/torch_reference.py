@@ -8,7 +8,9 @@ frames [B, T, H, W, 3] -> CLIP ViT at the feature layer (CLS and patches) -> pro
 token builder (temporal 3T-1: CLS, frame means, frame-difference means; spatial: 4
 ``array_split`` segments, averaged, 2x2-pooled) -> LLaMA whose rotary pair k takes its
 position from id row k % 2 (Harmonic-RoPE) under the DST mask -> logits at the text
-positions. The network is written here in plain torch from the exported HuggingFace
+positions. With an action token (exported ``action_token`` file) each row is
+``[video][action][text]``, the token typed as text, and ``forward`` also returns its
+verb / noun / action head logits. The network is written here in plain torch from the exported HuggingFace
 tensors; the position ids and the mask come from ``layout.py`` (numpy), their one home.
 torch is imported only when a function here runs; importing this module needs neither
 torch nor jax.
@@ -50,11 +52,13 @@ def read_weights(directory, dtype=None) -> dict:
 
 @dataclasses.dataclass
 class Reference:
-  """An exported MASH-VLM: its mash_config.json and the three towers' tensors."""
+  """An exported MASH-VLM: its mash_config.json and the towers' tensors (``action``:
+  the action token's, empty without one)."""
   config: dict
   llm: dict
   vision: dict
   projector: dict
+  action: dict = dataclasses.field(default_factory=dict)
 
   @property
   def model(self) -> dict:
@@ -68,20 +72,34 @@ class Reference:
       text_ids: int [B, L], right-padded.
       text_mask: bool [B, L], True for real tokens (default: all real).
     """
+    return self.forward(frames, text_ids, text_mask)[0]
+
+  def forward(self, frames, text_ids, text_mask=None):
+    """(logits [B, L, vocab] at the text positions, {verb, noun, action: float logits
+    [B, classes]} of the action token's heads, or {} without one); arguments as
+    ``logits``."""
     torch = _torch()
     text_ids = torch.as_tensor(np.asarray(text_ids)).long()
     if text_mask is None:
       text_mask = np.ones(tuple(text_ids.shape), bool)
+    text_mask = np.asarray(text_mask, bool)
     with torch.no_grad():
       temporal, spatial = self.video_tokens(frames)
       text = self.llm["model.embed_tokens.weight"][text_ids]
-      embeds = torch.cat([temporal.to(text.dtype), spatial.to(text.dtype), text], dim=1)
-      types = layout.text_token_types(np.asarray(text_mask, bool), temporal.shape[1],
-                                      spatial.shape[1])
+      parts = [temporal.to(text.dtype), spatial.to(text.dtype)]
+      if self.action:  # one text-typed token between the video and the text
+        parts.append(self.action["embedding"].to(text.dtype).expand(text.shape[0], 1, -1))
+        text_mask = np.concatenate([np.ones((len(text_mask), 1), bool), text_mask], axis=1)
+      embeds = torch.cat(parts + [text], dim=1)
+      types = layout.text_token_types(text_mask, temporal.shape[1], spatial.shape[1])
       ids = torch.from_numpy(layout.position_ids(types, self.model["rope_mode"])).long()
       mask = torch.from_numpy(layout.dst_mask(types, **self.model["mask"]))
       hidden = llama_hidden(self.llm, self.model["llm"], embeds, ids, mask)
-      return lm_head(self.llm, self.model["llm"], hidden[:, -text_ids.shape[1]:])
+      logits = lm_head(self.llm, self.model["llm"], hidden[:, -text_ids.shape[1]:])
+      token = hidden[:, temporal.shape[1] + spatial.shape[1]]
+      heads = {head: (token @ self.action[f"{head}_head.weight"].T).float()
+               for head in ("verb", "noun", "action")} if self.action else {}
+      return logits, heads
 
   def text_logits(self, text_ids, attention_mask=None):
     """Plain LLaMA: distinct ids, causal mask. int [B, L] -> logits [B, L, vocab]."""
@@ -128,7 +146,9 @@ def load(directory, dtype="float32") -> Reference:
   return Reference(config=config,
                    llm=read_weights(directory / files["language_model"], torch_dtype),
                    vision=read_weights(directory / files["vision_tower"], torch_dtype),
-                   projector=read_weights(directory / files["projector"], torch_dtype))
+                   projector=read_weights(directory / files["projector"], torch_dtype),
+                   action=(read_weights(directory / files["action_token"], torch_dtype)
+                           if "action_token" in files else {}))
 
 
 def normalize(pixels_uint8, vision_config: dict):

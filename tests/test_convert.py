@@ -42,7 +42,7 @@ def test_layouts_are_inverse_and_match_torch_conventions(layout, jax_shape):
 def test_table_covers_every_parameter_once(overrides):
   cfg = ModelConfig.from_dict({**SMALL, **overrides})
   shapes = nn.unbox(mashvlm.abstract_params(cfg))
-  for tower in param_map.TOWERS:
+  for tower in param_map.present_towers(shapes):  # the action token: test_action_token.py
     tensors = param_map.plan(tower, shapes[tower])
     names = [t.hf for t in tensors]
     assert len(set(names)) == len(names)

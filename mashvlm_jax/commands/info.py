@@ -32,6 +32,12 @@ def describe_layout(cfg) -> str:
            f"spatial {ids[1, m]}..{ids[1, m + n - 1]}, text from {ids[1, m + n]}",
            "  mask (query->key, share of pairs visible): " + ", ".join(
                f"{k} {v.mean():.2f}" for k, v in blocks.items())]
+  if cfg.action_token.enabled:  # the first text position (model/action_token.py)
+    a = cfg.action_token
+    lines.append(f"  action token at {m + n} (typed as text, sees the M+N video tokens; "
+                 f"text starts at {cfg.prefix_len}): heads verb {a.num_verbs}, noun "
+                 f"{a.num_nouns}, action {a.num_actions}; loss weight {a.loss_weight}, "
+                 f"head weights {a.head_weights}")
   return "\n".join(lines)
 
 

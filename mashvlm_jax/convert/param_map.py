@@ -11,6 +11,8 @@ Towers and their HuggingFace models:
   language_model  LlamaForCausalLM  (model.*, lm_head.weight)
   vision_tower    CLIPVisionModel   (vision_model.*; also the vision part of a CLIPModel)
   projector       mashvlm's projector.safetensors (linear_1.*, linear_2.*)
+  action_token    mashvlm's action_token.safetensors (embedding, {verb,noun,action}_head
+                  .weight), only in models with model.action_token.enabled
 
 Layer-stacked leaves (``layers`` under nn.scan) have a leading layer axis L; the table's
 per-layer shapes drop it.
@@ -117,6 +119,11 @@ CLIP_VISION = _entries(
 PROJECTOR = _entries(_dense("linear_1", "linear_1", LINEAR)
                      + _dense("linear_2", "linear_2", LINEAR))
 
+# LLaVAction's action token (model/action_token.py): the embedding and bias-free heads.
+ACTION_TOKEN = _entries([("embedding", "embedding", COPY)]
+                        + [(f"{head}_head.weight", f"{head}_head/kernel", LINEAR)
+                           for head in ("verb", "noun", "action")])
+
 
 @dataclasses.dataclass(frozen=True)
 class Tower:
@@ -127,6 +134,7 @@ class Tower:
   alt_prefixes: tuple[str, ...] = ()
   # HF buffers that are not parameters (older checkpoints store them): skipped on import.
   buffers: tuple[str, ...] = ()
+  optional: bool = False  # only some models have it (``present_towers``)
 
 
 TOWERS = {
@@ -138,7 +146,17 @@ TOWERS = {
                           buffers=(r"embeddings\.position_ids",)),
     # HF LLaVA names the projector "multi_modal_projector.linear_{1,2}.*".
     "projector": Tower("projector", PROJECTOR, "", alt_prefixes=("multi_modal_projector.",)),
+    "action_token": Tower("action_token", ACTION_TOKEN, "", optional=True),
 }
+
+
+def present_towers(params: Mapping) -> list[str]:
+  """The towers of TOWERS a params tree has: every required one, the optional ones it
+  holds (ConversionError naming a missing required tower)."""
+  missing = [name for name, tower in TOWERS.items() if not tower.optional and name not in params]
+  if missing:
+    raise ConversionError(f"params lack the tower(s) {missing}")
+  return [name for name in TOWERS if name in params]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,8 @@
   OUT/language_model/      config.json + safetensors: transformers.LlamaForCausalLM
   OUT/vision_tower/        config.json + safetensors: transformers.CLIPVisionModel
   OUT/projector.safetensors  linear_1.{weight,bias} [, linear_2.*] in torch [out, in] layout
+  OUT/action_token.safetensors  with model.action_token.enabled: embedding [D] and
+                           {verb,noun,action}_head.weight [classes, D] (bias-free)
   OUT/mash_config.json     token split, RoPE mode, mask switches, feature layer, model config
 
 Weights are streamed tensor by tensor (``param_map`` transforms, then a cast), so peak
@@ -27,6 +29,7 @@ from mashvlm_jax.convert.param_map import ConversionError
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 LLM_DIR, VISION_DIR = "language_model", "vision_tower"
 PROJECTOR_FILE, MASH_CONFIG = "projector.safetensors", "mash_config.json"
+ACTION_TOKEN_FILE = "action_token.safetensors"
 FORMAT = "mashvlm-torch-export"
 DEFAULT_SHARD_BYTES = 5 * 10 ** 9
 
@@ -67,16 +70,20 @@ def mash_config(cfg, dtype: str) -> dict:
   """Everything beyond the two HF towers that the MASH-VLM forward needs."""
   from mashvlm_jax.model.vision import CLIP_MEAN, CLIP_STD
   m, n = cfg.video_token_counts
+  action = cfg.action_token.enabled
+  files = {"language_model": LLM_DIR, "vision_tower": VISION_DIR, "projector": PROJECTOR_FILE}
+  if action:
+    files["action_token"] = ACTION_TOKEN_FILE
   return {
       "format": FORMAT, "version": 1, "dtype": dtype,
-      "files": {"language_model": LLM_DIR, "vision_tower": VISION_DIR,
-                "projector": PROJECTOR_FILE},
+      "files": files,
       "token_split": {
           "num_frames": cfg.num_frames, "num_temporal": m, "num_spatial": n,
           "grid": cfg.vision.grid, "num_segments": layout.NUM_SEGMENTS,
           "segments": "numpy.array_split of the frames", "spatial_pool": 2,
           "temporal_order": ["cls", "frame_mean", "frame_difference"],
-          "sequence": "[temporal M][spatial N][text L]"},
+          "sequence": ("[temporal M][spatial N][action 1][text L], the action token typed "
+                       "as text" if action else "[temporal M][spatial N][text L]")},
       "rope": {"mode": cfg.rope_mode, "theta": cfg.llm.rope_theta,
                "scaling": cfg.llm.rope_scaling_dict,
                "rule": "rotary pair k = dims (k, k + d/2) takes ids row k % 2; harmonic: "
@@ -150,7 +157,8 @@ def export_torch(params, cfg, out, *, dtype: str = "float32",
   params_io.check_params(params, cfg, "checkpoint")
   copies = tokenizer_files(tokenizer) if tokenizer else []
   np_dtype = EXPORT_DTYPES[dtype]
-  specs = {tower: tower_specs(tower, params[tower], np_dtype) for tower in param_map.TOWERS}
+  specs = {tower: tower_specs(tower, params[tower], np_dtype)
+           for tower in param_map.present_towers(params)}
   with params_io.atomic_directory(out, overwrite) as tmp:
     for tower, sub, hf_config in (
         ("language_model", LLM_DIR, llama_hf_config(cfg.llm, dtype)),
@@ -160,6 +168,9 @@ def export_torch(params, cfg, out, *, dtype: str = "float32",
       safetensors_io.write_checkpoint(tmp / sub, specs[tower], max_shard_bytes)
     safetensors_io.write_file(tmp / PROJECTOR_FILE, specs["projector"],
                               {"format": "pt", "projector": cfg.projector})
+    if "action_token" in specs:
+      safetensors_io.write_file(tmp / ACTION_TOKEN_FILE, specs["action_token"],
+                                {"format": "pt"})
     _write_json(tmp / MASH_CONFIG, mash_config(cfg, dtype))
     for f in copies:
       shutil.copyfile(f, tmp / LLM_DIR / f.name)

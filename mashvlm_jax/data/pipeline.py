@@ -21,6 +21,11 @@ the batch's bucket):
 Loss = sum(label_mask * xent(logits, labels)) / sum(label_mask).
 With data.storage "jpeg" or "source" (storage.py) batches also carry read_failures int32
 [B]: the undecodable records skipped before each row (the trainer logs their sum).
+With model.action_token.enabled (model/action_token.py) one more key:
+  class_labels int32 [B, 3]   (verb, noun, action) class ids of the clip, -1 where it has
+                              none (synthetic: tasks/mqa.clip_labels of the record's action
+                              and scene, -1 for scene-only clips; users' data: -1 unless
+                              the record carries a ``class_labels`` field)
 """
 from __future__ import annotations
 
@@ -38,6 +43,35 @@ from mashvlm_jax.data.registry import ensure_built  # noqa: F401  (the trainer's
 log = logging.getLogger("mashvlm.data")
 
 BATCH_KEYS = ("frames", "text_ids", "text_mask", "labels", "label_mask")
+ACTION_KEYS = ("class_labels",)  # with model.action_token.enabled
+NO_CLASS = (-1, -1, -1)
+
+
+def batch_keys(action_token: bool) -> tuple[str, ...]:
+  """The batch contract's keys (module docstring), with or without the action token's."""
+  return BATCH_KEYS + (ACTION_KEYS if action_token else ())
+
+
+def action_token_enabled(config) -> bool:
+  """model.action_token.enabled of a config (False when the section is absent)."""
+  return bool(dict(config.model.get("action_token", None) or {}).get("enabled", False))
+
+
+def record_class_labels(raw: dict, record: dict, synthetic: bool) -> np.ndarray:
+  """int32 [3] (verb, noun, action) of a record: its ``class_labels`` field when it has
+  one, else on the synthetic set tasks/mqa.clip_labels(action, scene), else -1s."""
+  if "class_labels" in raw:
+    labels = np.asarray(raw["class_labels"])
+    if labels.shape != (3,) or not np.issubdtype(labels.dtype, np.integer) or (
+        labels < -1).any():
+      raise ValueError(f"example {record['id']!r}: class_labels must be 3 integer class ids "
+                       f"(verb, noun, action) >= -1, found {raw['class_labels']!r}")
+    return labels.astype(np.int32)
+  if synthetic:
+    from mashvlm_jax.data.tasks import mqa
+    labels = mqa.clip_labels(record["action"], record["scene"])
+    return np.asarray(NO_CLASS if labels is None else labels, np.int32)
+  return np.asarray(NO_CLASS, np.int32)
 QA_MODES = ("sample", "all")
 
 
@@ -80,13 +114,15 @@ class ExampleTransform:
 
   def __init__(self, tok, template: chat.ChatTemplate, text_len: int, num_frames: int,
                image_size: int, qa_mode: str = "sample", sample_mode: str = "rand",
-               augment: dict | None = None):
+               augment: dict | None = None, class_labels: str | None = None):
     if qa_mode not in QA_MODES:
       raise ValueError(f"data.qa_mode must be one of {QA_MODES}, found {qa_mode!r}")
     check_template(tok, template)
     self.tok, self.template, self.text_len = tok, template, int(text_len)
     self.num_frames, self.image_size = int(num_frames), int(image_size)
     self.qa_mode, self.sample_mode, self.augment = qa_mode, sample_mode, augment
+    # None: no class_labels key; "synthetic" | "records": how rows get them
+    self.class_labels = class_labels
 
   def frames(self, video: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     aug = self.augment
@@ -124,6 +160,8 @@ class ExampleTransform:
     if any(report.values()):
       _warn_truncated(record["id"], self.text_len, report)
     row["frames"] = self.frames(record["video"], rng)
+    if self.class_labels is not None:
+      row["class_labels"] = record_class_labels(raw, record, self.class_labels == "synthetic")
     return row
 
 
@@ -160,7 +198,9 @@ def example_transform(config, split: str, augment: bool | None = None) -> Exampl
   return ExampleTransform(
       registry.load_tokenizer(config), chat.ChatTemplate(**dict(d.template)), d.text_len,
       config.model.num_frames, config.model.vision.image_size, d.qa_mode, d.sample_mode,
-      dict(d.augment) if augment else None)
+      dict(d.augment) if augment else None,
+      class_labels=(("synthetic" if d.name == "synthetic_unscene" else "records")
+                    if action_token_enabled(config) else None))
 
 
 def shard(ds: grain.MapDataset, process_index: int, process_count: int,

@@ -4,8 +4,9 @@ The video block and the prompt are prefilled once (``MashVLM.prefill``, the conf
 mask); then one token per step goes through ``MashVLM.extend`` with the text-query mask
 row of ``layout.text_query_mask`` over the cache and both position-id streams continued
 by +1 (``layout.next_position_ids``). Prompts are RIGHT-padded, as in training: row b's
-first new token is written at cache slot M + N + len_b, over the prompt's padding, so
-every row's cache holds ``[video][prompt][generated]`` with no gap and its ids and mask
+first new token is written at cache slot P + len_b (P = M + N, + 1 with the action token),
+over the prompt's padding, so every row's cache holds ``[video][action][prompt][generated]``
+with no gap and its ids and mask
 are those of the unpadded grown sequence. Output therefore equals recomputing the full
 sequence at every step (tests/test_generate.py).
 
@@ -158,7 +159,7 @@ class Generator:
     self.params = params
     self.tokenizer = tokenizer
     self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer else 0)
-    self.num_video = sum(self.cfg.video_token_counts)
+    self.num_video = self.cfg.prefix_len  # M + N (+ the action token)
     self.split_layers = split_layers
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len",))
     if split_layers:

@@ -34,7 +34,8 @@ def attention_probs(cfg: ModelConfig, params, frames, text_ids):
 
   probs = run(params, jnp.asarray(frames)[None], ids)[:, 0]
   m, n = cfg.video_token_counts
-  types = layout.token_types(m, n, ids.shape[1])
+  # text part: the action token (typed as text) when enabled, then the text
+  types = layout.token_types(m, n, cfg.prefix_len - m - n + ids.shape[1])
   return np.asarray(probs), types
 
 

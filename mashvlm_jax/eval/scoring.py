@@ -52,24 +52,27 @@ class Scorer:
     self.params = params
     self.pad_id = pad_id
     self.num_temporal, self.num_spatial = self.cfg.video_token_counts
+    self.prefix_len = self.cfg.prefix_len  # M + N (+ the action token)
     self._score = jax.jit(self.score_fn)
 
   def score_fn(self, params, frames, clip_index, text_ids, text_mask, rve_from=None):
     """(token_logp [R, L-1], next_logp [R, V]); ``rve_from`` int[R] (with RVE): the text
     index rows are enhanced from (default: each row's last real token)."""
-    m, n = self.num_temporal, self.num_spatial
+    m, n, prefix = self.num_temporal, self.num_spatial, self.prefix_len
     rows, text_len = text_ids.shape
-    cache_len = m + n + text_len
+    cache_len = prefix + text_len
     _, variables = self.model.apply({"params": params}, frames, cache_len,
                                     method=mashvlm.MashVLM.prefill_video, mutable=["cache"])
     # cache leaves are [layers, clips, cache_len, Hkv, d]: one copy per question
     cache = jax.tree_util.tree_map(lambda c: jnp.take(c, clip_index, axis=1),
                                    variables["cache"])
-    types = layout.text_token_types(text_mask, m, n)
-    ids = layout.position_ids(types, self.cfg.rope_mode)[..., m + n:]
-    queries = jnp.broadcast_to(m + n + jnp.arange(text_len), (rows, text_len))
+    # the action token (when enabled) is a real text-typed token before the text
+    token = jnp.ones((rows, prefix - m - n), bool)
+    types = layout.text_token_types(jnp.concatenate([token, text_mask], axis=1), m, n)
+    ids = layout.position_ids(types, self.cfg.rope_mode)[..., prefix:]
+    queries = jnp.broadcast_to(prefix + jnp.arange(text_len), (rows, text_len))
     mask = layout.text_query_mask(types, queries)
-    start = jnp.full((rows,), m + n, jnp.int32)
+    start = jnp.full((rows,), prefix, jnp.int32)
     enhanced = None
     if self.rve is not None:
       enhanced = (rve_lib.last_token_rows(text_mask) if rve_from is None

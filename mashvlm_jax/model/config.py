@@ -133,10 +133,45 @@ class MaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ActionTokenConfig:
+  """LLaVAction's action token (model/action_token.py): one learnable embedding after the
+  video block whose final hidden state feeds bias-free verb / noun / action heads, trained
+  with loss_weight * sum_h head_weights[h] * CE_h (averaged over labelled rows)."""
+  enabled: bool = False
+  num_verbs: int = 8
+  num_nouns: int = 8
+  num_actions: int = 64
+  loss_weight: float = 0.05  # lambda
+  head_weights: tuple = (0.5, 0.5, 0.1)  # (w_verb, w_noun, w_action)
+
+  @property
+  def num_classes(self) -> tuple[int, int, int]:
+    return self.num_verbs, self.num_nouns, self.num_actions
+
+  def validate(self):
+    if not isinstance(self.enabled, bool):
+      raise ValueError(f"action_token.enabled must be true or false, found {self.enabled!r}")
+    for name in ("num_verbs", "num_nouns", "num_actions"):
+      size = getattr(self, name)
+      if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"action_token.{name} must be a positive integer, found {size!r}")
+    if not isinstance(self.loss_weight, (int, float)) or isinstance(self.loss_weight, bool) \
+        or not self.loss_weight >= 0:
+      raise ValueError(f"action_token.loss_weight must be a number >= 0, "
+                       f"found {self.loss_weight!r}")
+    weights = self.head_weights
+    if (not isinstance(weights, tuple) or len(weights) != 3 or any(
+        isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 for w in weights)):
+      raise ValueError(f"action_token.head_weights must be 3 numbers >= 0 (verb, noun, "
+                       f"action), found {weights!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vision: VisionConfig = VisionConfig()
   llm: LlamaConfig = LlamaConfig()
   mask: MaskConfig = MaskConfig()
+  action_token: ActionTokenConfig = ActionTokenConfig()
   projector: str = "mlp2x_gelu"
   num_frames: int = 16
   rope_mode: str = "harmonic"
@@ -162,6 +197,11 @@ class ModelConfig:
     return layout.video_token_counts(self.num_frames, self.vision.grid)
 
   @property
+  def prefix_len(self) -> int:
+    """Tokens before the text: M + N video tokens, + 1 with the action token."""
+    return sum(self.video_token_counts) + int(self.action_token.enabled)
+
+  @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
@@ -173,6 +213,7 @@ class ModelConfig:
     self.vision.validate()
     self.llm.validate()
     self.mask.validate()
+    self.action_token.validate()
     self.video_token_counts  # raises on bad frame count / odd grid
     checks = {"projector": PROJECTORS, "rope_mode": layout.ROPE_MODES,
               "remat_policy": REMAT_POLICIES, "dtype": tuple(DTYPES),
@@ -195,12 +236,15 @@ class ModelConfig:
     """Builds from ``config.model`` (a ConfigDict or dict); unknown keys are an error."""
     d = _plain(d)
     kwargs = _take_fields(cls, d, "model")
-    sections = {"vision": VisionConfig, "llm": LlamaConfig, "mask": MaskConfig}
+    sections = {"vision": VisionConfig, "llm": LlamaConfig, "mask": MaskConfig,
+                "action_token": ActionTokenConfig}
     for name, sub in sections.items():
       if name in kwargs:
         sub_kwargs = _take_fields(sub, kwargs[name], f"model.{name}")
         if name == "llm" and sub_kwargs.get("rope_scaling"):
           sub_kwargs["rope_scaling"] = tuple(sorted(dict(sub_kwargs["rope_scaling"]).items()))
+        if name == "action_token" and isinstance(sub_kwargs.get("head_weights"), list):
+          sub_kwargs["head_weights"] = tuple(sub_kwargs["head_weights"])  # JSON, ConfigDict
         kwargs[name] = sub(**sub_kwargs)
     return cls(**kwargs).validate()
 

@@ -2,7 +2,8 @@
 Harmonic-RoPE and DST attention.
 
 frames [B, T, H, W, 3] + text ids [B, L] -> logits over the text positions [B, L, vocab].
-Each row is laid out ``[temporal M][spatial N][text L]`` (layout.py).
+Each row is laid out ``[temporal M][spatial N][text L]`` (layout.py), with the action token
+(model/action_token.py, when enabled) between the video and the text: ``[video][action][text]``.
 
 Decoding with a KV cache (eval/generate.py) uses ``prefill`` (or ``prefill_video``) once
 and then ``extend`` per chunk of new text tokens, applied with ``mutable=["cache"]``;
@@ -24,6 +25,7 @@ import numpy as np
 
 from mashvlm_jax import layout
 from mashvlm_jax.analysis import rve as rve_lib
+from mashvlm_jax.model import action_token as action_lib
 from mashvlm_jax.model import attention as attention_lib
 from mashvlm_jax.model.config import ModelConfig
 from mashvlm_jax.model.llm import LlamaDecoder
@@ -52,6 +54,9 @@ class MashVLM(nn.Module):
         attention_blocks=(cfg.splash_block_q, cfg.splash_block_kv),
         capture_attention=self.capture_attention, rve=self.rve,
         capture_heads=self.capture_heads, **common)
+    if cfg.action_token.enabled:
+      self.action_token = action_lib.ActionToken(cfg.action_token, cfg.llm.hidden_size,
+                                                 **common)
 
   def video_tokens(self, frames):
     """frames uint8 (0..255) or CLIP-normalised float [B, T, H, W, 3] ->
@@ -82,24 +87,38 @@ class MashVLM(nn.Module):
     cls, frame_means, spatial = jnp.split(tokens, [num_frames, 2 * num_frames], axis=1)
     return temporal_tokens(cls, frame_means), spatial
 
+  def prefix(self, frames):
+    """The tokens before the text: embeds [B, P, D] in the compute dtype and the
+    text-part validity bool[B, P - M - N] of the action token (P = ``cfg.prefix_len``:
+    ``[temporal M][spatial N]``, then ``[action 1]`` when enabled)."""
+    temporal, spatial = self.video_tokens(frames)
+    dtype = self.cfg.compute_dtype
+    parts = [temporal.astype(dtype), spatial.astype(dtype)]
+    if self.cfg.action_token.enabled:
+      parts.append(self.action_token.embeds(frames.shape[0]))
+    token_mask = jnp.ones((frames.shape[0], int(self.cfg.action_token.enabled)), bool)
+    return jnp.concatenate(parts, axis=1), token_mask
+
   def sequence(self, frames, text_ids, text_mask=None):
     """Inputs of the decoder: embeds [B, S, D], types int[B, S], position ids int[B, 2, S]
-    and the mask, with S = M + N + L: bool[B, S, S] (``layout.dst_mask``) for the dense
-    backend, an ``attention.MaskLayout`` for the fast ones."""
+    and the mask, with S = P + L (P = ``cfg.prefix_len``: M + N video tokens, + 1 action
+    token typed as text): bool[B, S, S] (``layout.dst_mask``) for the dense backend, an
+    ``attention.MaskLayout`` for the fast ones."""
     if text_mask is None:
       text_mask = jnp.ones(text_ids.shape, bool)
-    temporal, spatial = self.video_tokens(frames)
+    prefix, token_mask = self.prefix(frames)
     text = self.language_model.embed(text_ids)
-    embeds = jnp.concatenate([temporal.astype(text.dtype), spatial.astype(text.dtype), text],
-                             axis=1)
-    types = layout.text_token_types(text_mask, temporal.shape[1], spatial.shape[1])
+    embeds = jnp.concatenate([prefix.astype(text.dtype), text], axis=1)
+    m, n = self.cfg.video_token_counts
+    types = layout.text_token_types(jnp.concatenate([token_mask, text_mask], axis=1), m, n)
     ids = layout.position_ids(types, self.cfg.rope_mode)
-    spec = attention_spec(self.cfg, temporal.shape[1], spatial.shape[1])
+    spec = attention_spec(self.cfg, m, n)
     mask = attention_lib.attention_mask(types, spec, self.cfg.attention_backend)
     return embeds, types, ids, mask
 
-  def __call__(self, frames, text_ids, text_mask=None, rve_from=None):
-    """Logits float32 [B, L, vocab] at the text positions.
+  def __call__(self, frames, text_ids, text_mask=None, rve_from=None, with_heads=False):
+    """Logits float32 [B, L, vocab] at the text positions; with ``with_heads`` (action
+    token enabled) also the heads' {verb, noun, action: float32 logits [B, classes]}.
 
     Args:
       frames: uint8 [B, T, H, W, 3] (or CLIP-normalised float).
@@ -108,12 +127,23 @@ class MashVLM(nn.Module):
       rve_from: with ``rve``, int[B]: the text index from which rows are enhanced
         (default: each row's last real token).
     """
+    if with_heads and not self.cfg.action_token.enabled:
+      raise ValueError("with_heads needs model.action_token.enabled")
     if text_mask is None:
       text_mask = jnp.ones(text_ids.shape, bool)
     embeds, _, ids, mask = self.sequence(frames, text_ids, text_mask)
     rows = self._sequence_rows(text_mask, rve_from)
     hidden = self.language_model(embeds, ids, mask, rve_rows=rows)
-    return self.language_model.logits(hidden[:, -text_ids.shape[1]:])
+    logits = self.language_model.logits(hidden[:, -text_ids.shape[1]:])
+    if not self.cfg.action_token.enabled:
+      return logits
+    heads = self.action_heads(hidden)  # always traced: init creates the heads' params
+    return (logits, heads) if with_heads else logits
+
+  def action_heads(self, hidden):
+    """Final-normed states [B, S, D] of ``[video][action][text]`` rows -> the heads'
+    {verb, noun, action: float32 logits [B, classes]} read at the token (index M + N)."""
+    return self.action_token(hidden[:, sum(self.cfg.video_token_counts)])
 
   def _sequence_rows(self, text_mask, rve_from=None):
     """With ``rve``: bool[B, M+N+L], the enhanced rows of ``[video][text]`` (none in the
@@ -122,8 +152,8 @@ class MashVLM(nn.Module):
       return None
     text = (rve_lib.last_token_rows(text_mask) if rve_from is None
             else rve_lib.rows_from(text_mask, rve_from))
-    video = jnp.zeros(text.shape[:-1] + (sum(self.cfg.video_token_counts),), bool)
-    return jnp.concatenate([video, text], axis=-1)
+    prefix = jnp.zeros(text.shape[:-1] + (self.cfg.prefix_len,), bool)  # video, action
+    return jnp.concatenate([prefix, text], axis=-1)
 
   # ---------------------------------------------------------------- KV-cache decoding
 
@@ -138,11 +168,11 @@ class MashVLM(nn.Module):
     return layout.dst_mask(full, **self.cfg.mask.as_kwargs())[..., :length, :]
 
   def prefill(self, frames, text_ids, text_mask, cache_len: int):
-    """Runs ``[video][text]`` once with the config's mask, writing the KV cache at 0..S-1
-    (apply with ``mutable=["cache"]``).
+    """Runs ``[video][action][text]`` once with the config's mask, writing the KV cache
+    at 0..S-1 (apply with ``mutable=["cache"]``).
 
     Returns (logits float32 [B, L, vocab] at the text positions, types int[B, S],
-    position ids int[B, 2, S]); S = M + N + L <= cache_len.
+    position ids int[B, 2, S]); S = P + L <= cache_len (P = ``cfg.prefix_len``).
     """
     embeds, types, ids, _ = self.sequence(frames, text_ids, text_mask)
     start = jnp.zeros(types.shape[:1], jnp.int32)
@@ -151,14 +181,12 @@ class MashVLM(nn.Module):
     return self.language_model.logits(hidden[:, -text_ids.shape[1]:]), types, ids
 
   def prefill_video(self, frames, cache_len: int):
-    """Runs the video block alone into the cache at 0..M+N-1 and returns (types int[B, M+N],
-    position ids int[B, 2, M+N]). No video query sees text, so these keys and values are
-    those of any ``[video][text]`` row: questions about one video can share them."""
-    temporal, spatial = self.video_tokens(frames)
-    dtype = self.cfg.compute_dtype
-    embeds = jnp.concatenate([temporal.astype(dtype), spatial.astype(dtype)], axis=1)
-    no_text = jnp.zeros((embeds.shape[0], 0), bool)
-    types = layout.text_token_types(no_text, temporal.shape[1], spatial.shape[1])
+    """Runs the prefix alone (the video block and, when enabled, the action token) into
+    the cache at 0..P-1 and returns (types int[B, P], position ids int[B, 2, P]). No video
+    query sees text and the token sees only video, so these keys and values are those of
+    any ``[video][action][text]`` row: questions about one video can share them."""
+    embeds, token_mask = self.prefix(frames)
+    types = layout.text_token_types(token_mask, *self.cfg.video_token_counts)
     ids = layout.position_ids(types, self.cfg.rope_mode)
     start = jnp.zeros(types.shape[:1], jnp.int32)
     self.language_model(embeds, ids, self.cache_mask(types, cache_len), start)

@@ -401,6 +401,8 @@ def abstract_batch(model_cfg, batch_size: int, text_len: int, shardings: dict) -
                 text_mask=((batch_size, text_len), jnp.bool_),
                 labels=((batch_size, text_len), jnp.int32),
                 label_mask=((batch_size, text_len), jnp.float32))
+  if model_cfg.action_token.enabled:  # (verb, noun, action) ids, model/action_token.py
+    shapes.update(class_labels=((batch_size, 3), jnp.int32))
   return {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
 
 
@@ -425,11 +427,11 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
   slice_mesh = make_slice_mesh(config.mesh, tpu, devices)
   setup = trainer.build(config, mesh=slice_mesh)
   batch_size, text_len = int(config.data.batch_size), int(config.data.text_len)
-  m, n = setup.model_cfg.video_token_counts
   peak, _ = flops_lib.peak_flops_per_device(f"TPU {tpu.generation.name}", "tpu")
   report = Report(
       tpu=tpu, mesh=dict(zip(slice_mesh.axis_names, map(int, slice_mesh.devices.shape))),
-      batch_size=batch_size, text_len=text_len, seq_len=m + n + text_len,
+      batch_size=batch_size, text_len=text_len,
+      seq_len=setup.model_cfg.prefix_len + text_len,
       attention_backend=setup.model_cfg.attention_backend,
       params=mashvlm.count_params(setup.abstract_state.params),
       flops_per_step=batch_size * flops_lib.train_flops_per_row(setup.model_cfg, text_len),

@@ -42,8 +42,7 @@ def vision_flops_per_frame(cfg: ModelConfig) -> float:
 def llm_flops_per_row(cfg: ModelConfig, text_len: int) -> float:
   """Forward FLOPs of the decoder over one row of M + N + text_len tokens."""
   l = cfg.llm
-  m, n = cfg.video_token_counts
-  seq = m + n + text_len
+  seq = cfg.prefix_len + text_len  # video (+ the action token)
   head_dim = l.dim_per_head
   attn_proj = 2 * l.hidden_size * head_dim * (2 * l.num_heads + 2 * l.num_kv_heads)
   mlp = 2 * 3 * l.hidden_size * l.intermediate_size

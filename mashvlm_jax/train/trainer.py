@@ -32,6 +32,7 @@ import optax
 from etils import epath
 
 from mashvlm_jax import paths
+from mashvlm_jax.model import action_token as action_lib
 from mashvlm_jax.model import mashvlm
 from mashvlm_jax.model.config import ModelConfig
 from mashvlm_jax.train import checkpoint as ckpt_lib
@@ -96,19 +97,45 @@ def check_batch_layout(global_batch: int, accum: int, mesh, process_count: int) 
                      f"grad_accum_steps or config.mesh")
 
 
-def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
-  """(state, batch) -> (state, metrics). Non-finite updates are never applied."""
+def head_scales(cfg, batch):
+  """float32 [3]: lambda * w_h * max(label tokens, 1) / max(labelled rows of head h, 1)
+  over the global batch. The step divides the summed objective by max(label tokens, 1),
+  so sum_h scale_h * (sum of CE_h) becomes lambda * w_h * CE_h averaged over labelled rows,
+  the same for any gradient accumulation (the counts are data, known before the step)."""
+  denom = jnp.maximum(jnp.sum(batch["label_mask"].astype(jnp.float32)), 1.0)
+  labelled = jnp.maximum(jnp.sum((batch["class_labels"] >= 0).astype(jnp.float32), 0), 1.0)
+  weights = jnp.asarray(cfg.head_weights, jnp.float32)
+  return cfg.loss_weight * weights * denom / labelled
 
-  def micro_loss(params, mb):
-    logits = model.apply({"params": params}, mb["frames"], mb["text_ids"], mb["text_mask"])
+
+def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
+  """(state, batch) -> (state, metrics). Non-finite updates are never applied.
+
+  With the model's action token enabled the objective adds lambda * sum_h w_h CE_h
+  (model/action_token.py), each CE averaged over the batch's labelled rows, and the
+  metrics add lm_loss and per head {head}_loss and {head}_accuracy (labelled rows)."""
+  action = model.cfg.action_token if model.cfg.action_token.enabled else None
+
+  def micro_loss(params, mb, scales):
+    """(summed objective, aux sums) of one microbatch."""
+    if action is None:
+      logits = model.apply({"params": params}, mb["frames"], mb["text_ids"], mb["text_mask"])
+      nll, count, correct = masked_xent(logits, mb["labels"], mb["label_mask"])
+      return nll, dict(count=count, correct=correct)
+    logits, heads = model.apply({"params": params}, mb["frames"], mb["text_ids"],
+                                mb["text_mask"], with_heads=True)
     nll, count, correct = masked_xent(logits, mb["labels"], mb["label_mask"])
-    return nll, (count, correct)
+    sums = action_lib.head_xent(heads, mb["class_labels"])
+    objective = nll + sum(scales[i] * sums[head][0]
+                          for i, head in enumerate(action_lib.HEADS))
+    return objective, dict(count=count, correct=correct, nll=nll, heads=sums)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def train_step(state: TrainState, batch):
+    scales = head_scales(action, batch) if action is not None else None
     if accum == 1:
-      (nll, (count, correct)), grads = grad_fn(state.params, batch)
+      (nll, aux), grads = grad_fn(state.params, batch, scales)
     else:
       # Microbatch i takes rows i, i+accum, ...: every device keeps its own rows.
       micro = jax.tree_util.tree_map(
@@ -116,13 +143,16 @@ def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
           batch)
 
       def body(carry, mb):
-        (nll, (count, correct)), grads = grad_fn(state.params, mb)
-        acc = jax.tree_util.tree_map(jnp.add, carry, (nll, count, correct, grads))
+        (nll, aux), grads = grad_fn(state.params, mb, scales)
+        acc = jax.tree_util.tree_map(jnp.add, carry, (nll, aux, grads))
         return acc, None
 
+      aux = dict(count=0.0, correct=0.0)
+      if action is not None:
+        aux.update(nll=0.0, heads={head: (0.0, 0.0, 0.0) for head in action_lib.HEADS})
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-      (nll, count, correct, grads), _ = jax.lax.scan(
-          body, (0.0, 0.0, 0.0, zeros), micro)
+      (nll, aux, grads), _ = jax.lax.scan(body, (0.0, aux, zeros), micro)
+    count, correct = aux["count"], aux["correct"]
     denom = jnp.maximum(count, 1.0)
     # in the parameters' dtype: a float32 division would turn bf16 optimizer state into
     # float32 after one step (a recompile, and checkpoints unlike the abstract state)
@@ -143,6 +173,12 @@ def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
     metrics = dict(loss=loss, accuracy=correct / denom, grad_norm=grad_norm,
                    lr=schedule(state.step), answer_tokens=count,
                    nonfinite=new_state.nonfinite)
+    if action is not None:
+      metrics.update(lm_loss=aux["nll"] / denom)
+      for head, (xent, labelled, right) in aux["heads"].items():
+        rows = jnp.maximum(labelled, 1.0)
+        metrics.update({f"{head}_loss": xent / rows, f"{head}_accuracy": right / rows})
+      metrics.update(labelled_rows=aux["heads"]["verb"][1])
     return new_state, metrics
 
   return train_step
@@ -189,6 +225,8 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
   state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings,
                                rng=repl, nonfinite=repl)
   batch_ndims = dict(frames=5, text_ids=2, text_mask=2, labels=2, label_mask=2)
+  if model_cfg.action_token.enabled:
+    batch_ndims.update(class_labels=2)
   batch_shardings = {k: sharding.batch_sharding(mesh, n) for k, n in batch_ndims.items()}
   return Setup(model_cfg, mashvlm.MashVLM(model_cfg), mesh, tx, schedule, abstract_state,
                state_shardings, batch_shardings, optim.trainable_mask(abstract_params,
@@ -261,7 +299,7 @@ class PreemptionFlag:
 
 def batch_fingerprint(batch: dict) -> str:
   h = hashlib.sha1()
-  for key in BATCH_KEYS:
+  for key in BATCH_KEYS + tuple(k for k in ("class_labels",) if k in batch):
     h.update(np.ascontiguousarray(batch[key]).tobytes())
   return h.hexdigest()[:16]
 
@@ -399,7 +437,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fingerprints = (workdir / "batches.jsonl").open("a") if (
       config.get("log_batch_fingerprints", False) and jax.process_index() == 0) else None
   rows_per_step = int(config.data.batch_size)
-  m, n = setup.model_cfg.video_token_counts
+  batch_keys = pipeline.batch_keys(setup.model_cfg.action_token.enabled)
+  prefix = setup.model_cfg.prefix_len  # M + N (+ the action token)
   # data.text_buckets: batches come at a few text lengths; each compiles once, and the
   # throughput metrics count every step at its own length.
   flops_per_row = functools.lru_cache(maxsize=None)(
@@ -423,7 +462,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         local = next(iterator)
         # jpeg/source storage: undecodable records skipped for this batch (storage.py)
         read_failures += int(np.sum(local.get("read_failures", 0)))
-        local = {k: np.asarray(local[k]) for k in BATCH_KEYS}
+        local = {k: np.asarray(local[k]) for k in batch_keys}
         text_len = int(local["text_ids"].shape[1])
         text_tokens = int(local["text_mask"].sum()) * jax.process_count()  # global, estimated
         if fingerprints:
@@ -431,8 +470,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           fingerprints.flush()
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
           state, metrics = step_fn(state, sharding.global_batch(local, setup.mesh))
-        window.add(positions=rows_per_step * (m + n + text_len),
-                   real_tokens=rows_per_step * (m + n) + text_tokens,
+        window.add(positions=rows_per_step * (prefix + text_len),
+                   real_tokens=rows_per_step * prefix + text_tokens,
                    flops=rows_per_step * flops_per_row(text_len))
         logger.advance()
         if text_len not in compiled_lengths:  # keep compilation out of the step-time window
