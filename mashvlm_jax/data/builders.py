@@ -149,9 +149,16 @@ def synthetic_questions(spec: synthetic.ClipSpec, train_negatives: str = "typica
 
 def synthetic_example(spec: synthetic.ClipSpec, num_frames: int, size: int,
                       train_negatives: str = "typical", train_tasks: Sequence[str] = (),
-                      seed: int = 0) -> dict:
-  ctx = families.BuildContext(num_frames=num_frames, size=size, seed=seed)
-  return example(id=spec.id, frames=synthetic.render_clip(spec, num_frames, size, size),
+                      seed: int = 0, config=None) -> dict:
+  """One stored example; ``config`` (the build's SyntheticConfig) reaches the families
+  (BuildContext.config), and a family's clip renderer may draw a training clip."""
+  ctx = families.BuildContext(num_frames=num_frames, size=size, seed=seed, config=config)
+  frames = None
+  if spec.split == "train" and train_tasks:
+    frames = families.family_frames(train_tasks, spec, ctx)
+  if frames is None:
+    frames = synthetic.render_clip(spec, num_frames, size, size)
+  return example(id=spec.id, frames=frames,
                  qa=synthetic_questions(spec, train_negatives, train_tasks, ctx),
                  task="synthetic", kind=spec.kind,
                  action=spec.action, scene=spec.scene)
@@ -242,7 +249,7 @@ class SyntheticUnscene(BuildReport, tfds.core.GeneratorBasedBuilder):
                                  scene_only_share=cfg.scene_only_share)
     for spec in specs:
       yield spec.id, synthetic_example(spec, cfg.num_frames, cfg.size, cfg.train_negatives,
-                                       cfg.train_tasks, cfg.seed)
+                                       cfg.train_tasks, cfg.seed, cfg)
       self.count_records(1)
 
   def _download_and_prepare(self, dl_manager, download_config):
