@@ -87,18 +87,35 @@ def synthetic_rankings(config, splits, name: str = RECOGNIZER) -> dict[str, list
 
 # ------------------------------------------------------------------------------ items
 
+def clip_index(clip_id: str) -> int:
+  """The index of a synthetic clip id "split/000012" (ValueError for another form)."""
+  split, _, index = clip_id.rpartition("/")
+  if not split or not index.isdigit():
+    raise ValueError(f"clip id {clip_id!r} is not '<split>/<index>'")
+  return int(index)
+
+
 def video_of(clip_id: str) -> str:
   """The synthetic "video" of a clip id "split/000012": "split/1" (8 indices a video)."""
-  split, _, index = clip_id.rpartition("/")
-  if not index.isdigit():
-    raise ValueError(f"clip id {clip_id!r} is not '<split>/<index>'")
-  return f"{split}/{int(index) // mqa_train.VIDEO_CLIPS}"
+  return f"{clip_id.rpartition('/')[0]}/{clip_index(clip_id) // mqa_train.VIDEO_CLIPS}"
+
+
+def clip_records(config, splits, max_items: int = 0) -> list:
+  """(split, record) of each split's clips in clip-index order (the stored order is
+  shuffled), the first ``max_items`` of each (0 = all)."""
+  out = []
+  for split in splits:
+    records = sorted((r for _, r in common.eval_records(config, [split])),
+                     key=lambda r: clip_index(r["id"]))
+    out += [(split, r) for r in (records[:max_items] if max_items else records)]
+  return out
 
 
 def items(records, source: str, rankings=None) -> list[dict]:
-  """One item per (split, record with an actor): its options (classes and narrations in
-  the shown order), answer index, ground truth, video, position in the video among the
-  evaluated clips and the ids of its (two back, one back) clips (or None)."""
+  """One item per (split, record with an actor) of ``records`` (in clip-index order): its
+  options (classes and narrations in the shown order), answer index, ground truth, video,
+  position in the video among the evaluated clips and the ids of its (two back, one back)
+  clips (or None)."""
   out, seen = [], collections.defaultdict(list)
   for split, record in records:
     gt = mqa.action_class(record["action"], record["scene"]) if record["scene"] else None
@@ -210,7 +227,7 @@ def evaluate(config, params, out_dir, *, source: str = "recognizer", prior: str 
   _check_settings(out_dir, {"options": source, "prior": prior, "splits": splits,
                             "max_items": max_items}, resume)
   rankings = synthetic_rankings(config, splits) if source == "recognizer" else None
-  todo_items = items(common.eval_records(config, splits, max_items), source, rankings)
+  todo_items = items(clip_records(config, splits, max_items), source, rankings)
   by_id = {(i["split"], i["id"]): i for i in todo_items}
   log_file = common.PredictionLog(f"{out_dir}/predictions.jsonl", resume)
   prompter = common.Prompter(config)
