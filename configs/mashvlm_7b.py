@@ -93,5 +93,6 @@ def get_config(arg=None):
       build_sample_mode="middle",
       build_threads=16,
       max_failure_share=0.05,
+      mqa_predictions="",  # EPIC-layout annotations: ranked action ids per clip
   ))
   return config

@@ -87,6 +87,9 @@ def get_config(arg=None):
       build_sample_mode="middle",
       build_threads=4,
       max_failure_share=0.05,  # a build fails when more records than this are unusable
+      # EPIC-layout annotations: JSON lines {"id", "ranked": action ids, best first} giving
+      # each clip's multiple-choice options (data/annotations.py epic_items)
+      mqa_predictions="",
   ))
 
   # Training (mashvlm train): 2 CPU cores, about 10 minutes from a fresh machine.

@@ -3,14 +3,23 @@ against the option rule over an independently fitted recognizer A, the answer le
 uniform over visits through the pipeline's transform (chi-square), prior actions, and
 temporal clips that hold still outside the action window read back from the pixels."""
 import collections
+import importlib.util
+import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from conftest import ROOT
+from test_data_video import write_indexed_mp4
 from test_mqa import CHI2_999, chi_square, word_tokenizer  # noqa: F401 (fixture)
 from test_vocabulary import assert_known
-from mashvlm_jax.data import builders, chat, pipeline, recognizer, synthetic
+from mashvlm_jax.data import (annotations, builders, chat, pipeline, recognizer, registry,
+                              synthetic)
+from mashvlm_jax.data import tokenizer as tokenizer_lib
 from mashvlm_jax.data.tasks import families, mqa, mqa_train
 
 FAMILIES = ("mqa", "mqa_pool", "mqa_random", "mqa_prior", "temporal")
@@ -209,3 +218,97 @@ def test_still_segment_draws_every_split_and_rejects_short_clips():
     synthetic.still_segment(TRAIN[5], 4)
   with pytest.raises(ValueError, match="first < last"):
     synthetic.held_trajectory("running", 8, 3, 3, np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------------------ EPIC
+
+EPIC_CONFIG = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("tiny", {tiny!r})
+tiny = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tiny)
+
+
+def get_config(arg=None):
+  config = tiny.get_config(arg)
+  config.data.update(name="local_video_qa", data_dir="cache", stored_frames=4,
+                     stored_size=32, annotations={{"train": "epic.json"}},
+                     video_root="videos", mqa_predictions="predictions.jsonl",
+                     max_failure_share=0.5)
+  config.data.tokenizer.update(kind="hf", path="tokenizer.json")
+  return config
+"""
+
+
+def test_epic_layout_builds_with_relative_paths_and_counts_bad_records(tmp_path):
+  """`mashvlm make-data` in a user's directory: EPIC segments become multiple-choice rows
+  with options from the predictions file by the rule, prior actions from the previous
+  segments of the same video by start time; malformed records are counted and named."""
+  (tmp_path / "videos").mkdir()
+  for name in ("P01_01", "P01_02"):
+    write_indexed_mp4(tmp_path / "videos" / f"{name}.mp4", 40, width=32, height=32)
+  words = {(0, 3): ("take", "plate"), (1, 3): ("wash", "plate"), (2, 5): ("open", "fridge"),
+           (0, 5): ("take", "fridge"), (4, 7): ("cut", "onion"), (1, 7): ("wash", "onion")}
+
+  def seg(clip_id, video, start, stop, verb_class, noun_class):
+    verb, noun = words[(verb_class, noun_class)]
+    return {"id": clip_id, "video": video, "start": start, "stop": stop,
+            "narration": f"{verb} the {noun}", "verb": verb, "verb_class": verb_class,
+            "noun": noun, "noun_class": noun_class}
+  records = [seg("P01_01_2", "P01_01.mp4", "00:00:02.00", "00:00:02.90", 2, 5),
+             seg("P01_01_0", "P01_01.mp4", 0.0, 0.9, 0, 3),
+             seg("P01_01_1", "P01_01.mp4", 1.0, 1.9, 1, 3),
+             seg("P01_01_3", "P01_01.mp4", 3.0, 3.9, 4, 7),
+             seg("P01_02_0", "P01_02.mp4", 0.5, 2.5, 0, 5),
+             dict(seg("P01_02_1", "P01_02.mp4", 1.0, 2.0, 1, 7), verb_class="one"),
+             dict(seg("P01_02_2", "P01_02.mp4", 3.0, 1.0, 1, 7))]
+  (tmp_path / "epic.json").write_text(json.dumps(records))
+  ids = {k: annotations.epic_action_id(*k) for k in words}
+  order = [ids[k] for k in sorted(words)] + [999_999]  # an id the file does not name
+  rankings = {r["id"]: [order[(i + j) % len(order)] for j in range(len(order))]
+              for i, r in enumerate(records)}
+  (tmp_path / "predictions.jsonl").write_text(
+      "".join(json.dumps({"id": k, "ranked": v}) + "\n" for k, v in rankings.items()))
+  tokenizer_lib.save_atomic(tokenizer_lib.build_word_tokenizer(builders.vocabulary_texts()),
+                            tmp_path / "tokenizer.json")  # the user's tokenizer
+  (tmp_path / "epic_config.py").write_text(
+      EPIC_CONFIG.format(tiny=str(ROOT / "configs" / "tiny_synthetic.py")))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.pop("MASHVLM_DATA_DIR", None)
+  out = subprocess.run([sys.executable, "-m", "mashvlm_jax.cli", "make-data",
+                        "--config=epic_config.py"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "skipped 2 of 7 records" in out.stdout
+  assert "epic.json record 5 (video P01_02.mp4): field 'verb_class' should be int" in out.stdout
+  assert "epic.json record 6 (video P01_02.mp4): field 'stop'" in out.stdout
+
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    loader = importlib.util.spec_from_file_location("epic_config", "epic_config.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    config = module.get_config()
+    stored = {r["id"]: r for r in map(pipeline.decode_record,
+                                      registry.data_source(config, "train"))}
+  finally:
+    os.chdir(cwd)
+  assert sorted(stored) == ["P01_01_0", "P01_01_1", "P01_01_2", "P01_01_3", "P01_02_0"]
+  # (1, 7) "wash onion" is named only by the two bad records: never an option
+  names = {ids[k]: f"{v} {n}" for k, (v, n) in words.items() if k != (1, 7)}
+  for clip_id, record in stored.items():
+    (row,) = record["qa"]
+    seg_ = next(r for r in records if r["id"] == clip_id)
+    gt = annotations.epic_action_id(seg_["verb_class"], seg_["noun_class"])
+    named = [c for c in rankings[clip_id] if c in names]  # by hand: top 5 or top 4 + gt
+    expected = named[:5] if gt in named[:5] else named[:4] + [gt]
+    options, index, previous = mqa_train.parse_row(row)
+    assert options == [names[c] for c in sorted(expected)]
+    assert options[index] == names[gt] and record["action"] == seg_["narration"]
+    assert len(record["video"]) == 4
+  # by start time: P01_01_0, _1, _2, _3; P01_02 has one usable segment
+  assert mqa_train.parse_row(stored["P01_01_2"]["qa"][0])[2] == ["take plate", "wash plate"]
+  assert mqa_train.parse_row(stored["P01_01_3"]["qa"][0])[2] == ["wash plate", "open fridge"]
+  assert mqa_train.parse_row(stored["P01_01_1"]["qa"][0])[2] is None
+  assert mqa_train.parse_row(stored["P01_02_0"]["qa"][0])[2] is None

@@ -281,6 +281,7 @@ class LocalConfig(tfds.core.BuilderConfig):
   size: int = 224
   sample_mode: str = "middle"
   max_failure_share: float = 0.05
+  predictions: str = ""  # EPIC layout: clip id -> ranked action ids (JSON lines)
   num_threads: int = 4
   seed: int = 0
 
@@ -324,8 +325,12 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split, sources):
     cfg = self.builder_config
     items, failures = [], []
+    predictions = None
+    if cfg.predictions:  # a broken predictions file is a configuration error: it raises
+      from mashvlm_jax.data import recognizer
+      predictions = recognizer.read_predictions(cfg.predictions, num_classes=None)
     for path, root in sources:
-      got, failed = annotations.read_items(path, root, seed=cfg.seed)
+      got, failed = annotations.read_items(path, root, seed=cfg.seed, predictions=predictions)
       items += got
       failures += failed
     for failure in failures:

@@ -86,12 +86,13 @@ def previous_labels(specs, index: int, video_clips: int = VIDEO_CLIPS) -> list[s
 
 # ------------------------------------------------------------------------------ rows
 
-def stored_row(gt: int, options, previous=None) -> dict:
+def stored_row(gt: int, options, previous=None, names: dict | None = None) -> dict:
   """The stored multiple-choice row: options in canonical (class id) order, the answer
-  naming the ground truth there; ``previous`` (two narrations) states the prior actions."""
+  naming the ground truth there; ``previous`` (two narrations) states the prior actions.
+  ``names``: {class id: narration} (default: the synthetic narrations)."""
   options = sorted(options)
-  names = [mqa.narration(c) for c in options]
-  return mqa.mqa_qa(names, options.index(gt), previous)
+  texts = [names[c] if names is not None else mqa.narration(c) for c in options]
+  return mqa.mqa_qa(texts, options.index(gt), previous)
 
 
 def _gt(spec) -> int | None:
