@@ -277,19 +277,21 @@ def evaluate(config, params, out_dir, *, source: str = "recognizer", prior: str 
 
   pending = [i for i in todo_items
              if any(f"{i['split']}:{i['id']}:{m}" not in log_file for m in METHODS)]
-  waves = ([[i for i in pending if i["position"] == j]
-            for j in sorted({i["position"] for i in pending})] if prior == "self"
-           else [pending])
-  bar = common.progress(len(pending), "mqa") if show_progress else None
-  try:
-    for wave in waves:
-      common.run_in_batches(wave, batch_size, step, log_file, desc="mqa",
-                            show_progress=False)
+  if prior != "self":
+    common.run_in_batches(pending, batch_size, step, log_file, desc="mqa",
+                          show_progress=show_progress)
+  else:  # waves: the j-th clip of every video once the (j-1)-th clips are answered
+    bar = common.progress(len(pending), "mqa (waves)") if show_progress else None
+    try:
+      for j in sorted({i["position"] for i in pending}):
+        wave = [i for i in pending if i["position"] == j]
+        common.run_in_batches(wave, batch_size, step, log_file, desc="mqa",
+                              show_progress=False)
+        if bar:
+          bar.update(len(wave))
+    finally:
       if bar:
-        bar.update(len(wave))
-  finally:
-    if bar:
-      bar.close()
+        bar.close()
   result = score(log_file.values())
   result.update(options=source, prior=prior, splits=splits, max_items=max_items,
                 recognizer=RECOGNIZER if source == "recognizer" else None)
