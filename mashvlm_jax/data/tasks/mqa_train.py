@@ -37,7 +37,7 @@ import re
 import numpy as np
 
 from mashvlm_jax.data import recognizer, synthetic
-from mashvlm_jax.data.tasks import families, mqa
+from mashvlm_jax.data.tasks import families, mqa, vocabulary
 
 PRIOR_PROB = 0.3  # visits whose multiple-choice prompt states the two previous actions
 TEMPORAL_SHARE = 0.25  # training clips with an actor that hold still (temporal rows)
@@ -224,3 +224,12 @@ def render_mqa(row: dict, rng: np.random.Generator) -> dict:
     previous = None
   fresh = mqa.mqa_qa(shown, int(np.flatnonzero(order == index)[0]), previous)
   return dict(row, q=fresh["q"], a=fresh["a"])
+
+
+@vocabulary.register
+def texts() -> list[str]:
+  """The texts these families write beyond mqa.texts' templates: the temporal answers
+  and durations of held clips up to 32 frames (multiples of 0.25 s; words mqa.texts
+  already holds, so the vocabulary does not change)."""
+  times = [synthetic.FRAME_SECONDS * i for i in range(32)]
+  return [f"{a:.2f}, {b:.2f}" for a in times for b in times if a < b]
