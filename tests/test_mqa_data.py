@@ -312,3 +312,21 @@ def test_epic_layout_builds_with_relative_paths_and_counts_bad_records(tmp_path)
   assert mqa_train.parse_row(stored["P01_01_3"]["qa"][0])[2] == ["wash plate", "open fridge"]
   assert mqa_train.parse_row(stored["P01_01_1"]["qa"][0])[2] is None
   assert mqa_train.parse_row(stored["P01_02_0"]["qa"][0])[2] is None
+
+
+def test_epic_predictions_file_errors_name_the_file(tmp_path):
+  from conftest import load_config
+  (tmp_path / "epic.json").write_text(json.dumps([{
+      "id": "a", "video": "v.mp4", "start": 0, "stop": 1, "narration": "take plate",
+      "verb": "take", "verb_class": 0, "noun": "plate", "noun_class": 3}]))
+  config = load_config("tiny_synthetic")
+  config.data.update(name="local_video_qa", data_dir=str(tmp_path / "cache"),
+                     annotations={"train": str(tmp_path / "epic.json")},
+                     mqa_predictions=str(tmp_path / "missing.jsonl"))
+  with pytest.raises(FileNotFoundError, match="data.mqa_predictions names .*missing.jsonl"):
+    registry.ensure_built(config)
+  (tmp_path / "bad.jsonl").write_text('{"id": "a", "ranked": [3, 3, 4, 5, 6]}\n')
+  config.data.mqa_predictions = str(tmp_path / "bad.jsonl")
+  with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'ranked'\[1\]: class 3 is listed "
+                                       r"twice"):
+    registry.ensure_built(config)

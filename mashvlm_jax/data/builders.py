@@ -22,6 +22,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -328,6 +329,9 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
     predictions = None
     if cfg.predictions:  # a broken predictions file is a configuration error: it raises
       from mashvlm_jax.data import recognizer
+      if not os.path.isfile(cfg.predictions):
+        raise FileNotFoundError(f"data.mqa_predictions names {cfg.predictions}, which does "
+                                f"not exist")
       predictions = recognizer.read_predictions(cfg.predictions, num_classes=None)
     for path, root in sources:
       got, failed = annotations.read_items(path, root, seed=cfg.seed, predictions=predictions)
