@@ -277,18 +277,21 @@ def evaluate(config, params, out_dir, *, source: str = "recognizer", prior: str 
 
   pending = [i for i in todo_items
              if any(f"{i['split']}:{i['id']}:{m}" not in log_file for m in METHODS)]
+  missing = sum(f"{i['split']}:{i['id']}:{m}" not in log_file for i in pending
+                for m in METHODS)  # prediction rows to write (the bar counts rows)
   if prior != "self":
     common.run_in_batches(pending, batch_size, step, log_file, desc="mqa",
-                          show_progress=show_progress)
+                          show_progress=show_progress, total=missing)
   else:  # waves: the j-th clip of every video once the (j-1)-th clips are answered
-    bar = common.progress(len(pending), "mqa (waves)") if show_progress else None
+    bar = common.progress(missing, "mqa (waves)") if show_progress else None
     try:
       for j in sorted({i["position"] for i in pending}):
         wave = [i for i in pending if i["position"] == j]
+        before = len(log_file.rows)
         common.run_in_batches(wave, batch_size, step, log_file, desc="mqa",
                               show_progress=False)
         if bar:
-          bar.update(len(wave))
+          bar.update(len(log_file.rows) - before)
     finally:
       if bar:
         bar.close()
