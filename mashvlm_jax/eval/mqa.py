@@ -1,7 +1,8 @@
 """LLaVAction's multiple-choice action QA (issue 18): ``mashvlm eval --benchmark=mqa``.
 
 For every clip with an actor of the synthetic test splits (default test_typical and
-test_unusual) the question lists K = 5 lettered narrations (data/tasks/mqa.py):
+test_unusual; in clip-index order, the first ``max_items`` of each split) the question
+lists K = 5 lettered narrations (data/tasks/mqa.py):
   options "recognizer": recognizer B's ranked classes (fitted on the data set's train
     split, data/recognizer.py), mqa.mqa_options (top 5, or top 4 + the ground truth);
   options "random": the ground truth + 4 uniform other classes.
