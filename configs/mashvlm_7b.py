@@ -112,6 +112,7 @@ def get_config(arg=None):
       source_max_mb=64.0,
       max_read_failure_share=0.01,  # undecodable records skipped at read time, up to this
       ram_budget_mb=0,  # num_workers="auto": 0 = half the host's memory
+      mqa_predictions="",  # EPIC-layout annotations: ranked action ids per clip
   ))
   if arg.stage == "pretrain":
     pretrain_stage(config)

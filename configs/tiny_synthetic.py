@@ -100,6 +100,9 @@ def get_config(arg=None):
       source_max_mb=64.0,
       max_read_failure_share=0.01,  # jpeg/source: undecodable records skipped up to this
       ram_budget_mb=0,  # num_workers="auto": 0 = half the host's memory
+      # EPIC-layout annotations: JSON lines {"id", "ranked": action ids, best first} giving
+      # each clip's multiple-choice options (data/annotations.py epic_items)
+      mqa_predictions="",
   ))
 
   # Training (mashvlm train): 2 CPU cores, about 10 minutes from a fresh machine.

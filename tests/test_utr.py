@@ -345,3 +345,7 @@ def test_synthetic_build_stores_utr_rows_and_the_start_rules(tmp_path):
   with pytest.raises(ValueError, match=r"data.stored_frames=4 differs from "
                                        r"model.num_frames=8"):
     utr.check_config(config, augment=False)
+  config.data.stored_frames = 0
+  config.data.train_tasks = ("utr", "temporal")  # temporal redraws clips held still
+  with pytest.raises(ValueError, match=r"also names \['temporal'\], which redraw"):
+    utr.check_config(config, augment=False)

@@ -9,6 +9,9 @@ Benchmarks:
   open_qa         free-form questions with reference answers -> predictions + judge prompts
   mvbench         multiple choice, official prompt and first-token answer extraction
   synthetic       the synthetic test splits: UNSCENE binary (likelihood) + label probe
+  mqa             LLaVAction multiple choice on the synthetic test splits, by likelihood and
+                  by generation (--mqa_options=recognizer|random|recognizer,random,
+                  --prior=none|gt|self; eval/mqa.py)
 A rerun with the same --out resumes from predictions.jsonl (--noresume starts over); the
 output directory records the checkpoint and step it evaluates and refuses another's.
 Judged benchmarks are completed with ``mashvlm import-judgments``.
@@ -26,7 +29,7 @@ from ml_collections import config_flags
 
 from mashvlm_jax import paths
 
-BENCHMARKS = ("unscene_binary", "unscene_open", "open_qa", "mvbench", "synthetic")
+BENCHMARKS = ("unscene_binary", "unscene_open", "open_qa", "mvbench", "synthetic", "mqa")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
                                 lock_config=True)
@@ -44,6 +47,10 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Videos per batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Generated tokens per answer "
                                                      "(0: 8 for yes/no and MVBench, 64 "
                                                      "for open-ended).")
+_MQA_OPTIONS = flags.DEFINE_list("mqa_options", ["recognizer"], "mqa: option sources, "
+                                  "recognizer (B's top 5) and/or random; two: both, compared")
+_PRIOR = flags.DEFINE_enum("prior", "none", ["none", "gt", "self"], "mqa: prompts state no "
+                           "previous actions, the ground truth or the model's own answers.")
 _RESUME = flags.DEFINE_bool("resume", True, "Skip predictions already in predictions.jsonl.")
 _RVE = paths.DEFINE_path("rve", None, "RVE heads file (mashvlm rve-heads): enhance attention "
                          "to the action-relevant visual tokens (off without it).")
@@ -76,7 +83,26 @@ def run(config, params, benchmark: str, out: str) -> dict:
     split = (splits or list(config.data.eval_splits))[0]
     return mvbench.evaluate(config, params, out, split=split, batch_size=_BATCH.value,
                             max_new_tokens=short, **common)
+  if benchmark == "mqa":
+    from mashvlm_jax.eval import mqa
+    options = dict(prior=_PRIOR.value, splits=splits, batch_size=_BATCH.value,
+                   max_new_tokens=_MAX_NEW.value or 12, **common)
+    sources = mqa_sources()
+    if len(sources) == 1:
+      return mqa.evaluate(config, params, out, source=sources[0], **options)
+    return mqa.compare(config, params, out, sources=sources, **options)
   return synthetic.evaluate(config, params, out, **common)
+
+
+def mqa_sources() -> list[str]:
+  """--mqa_options checked: distinct names of eval/mqa.py OPTION_SOURCES."""
+  from mashvlm_jax.eval import mqa
+  sources = list(_MQA_OPTIONS.value)
+  if not sources or any(s not in mqa.OPTION_SOURCES for s in sources) or (
+      len(set(sources)) != len(sources)):
+    raise SystemExit(f"mashvlm eval: --mqa_options must name distinct sources of "
+                     f"{list(mqa.OPTION_SOURCES)}, found {sources}")
+  return sources
 
 
 def rve_option(config):
@@ -109,6 +135,8 @@ def main(argv):
   checkpoint = _CHECKPOINT.value
   rve, record = rve_option(config)
   name = _BENCHMARK.value if rve is None else f"{_BENCHMARK.value}-rve-{rve.tag()}"
+  if _BENCHMARK.value == "mqa":  # one directory per option source(s) and prior mode
+    name = name.replace("mqa", f"mqa-{'+'.join(mqa_sources())}-prior_{_PRIOR.value}", 1)
   out = _OUT.value or str(common.default_out_dir(checkpoint, _STEP.value, name))
   common.claim_out_dir(out, checkpoint, _STEP.value, resume=_RESUME.value, rve=record)
   params = common.load_params(config, checkpoint, _STEP.value)

@@ -16,6 +16,10 @@ Three layouts are recognised per record (a JSON file holds a list of records):
      "start"?, "end"?}; boxes in pixels of the decoded video, frame indices counted from
     the video's first frame (times: frame = time * fps); the builder maps them onto the
     sampled, resized frames (utr.stored_boxes) and writes query rows (task "utr").
+  * EPIC-KITCHENS-100 (LLaVAction, issue 18): one record per action segment,
+    {"id"?, "video", "start", "stop" (seconds or "HH:MM:SS.ff"), "narration", "verb",
+     "verb_class", "noun", "noun_class"}: a multiple-choice row whose options come from
+    the predictions file (``read_items(predictions=...)``); see ``epic_items``.
 A record that breaks its layout becomes a ``Failure`` naming the file, the record and the
 field (expected vs found); the caller decides how many failures are acceptable.
 """
@@ -103,6 +107,8 @@ def layout_of(record: dict) -> str:
     return "tracks"
   if "QA" in record:
     return "instruct"
+  if "narration" in record or "verb_class" in record:
+    return "epic"
   if "candidates" in record or "question" in record:
     return "mvbench"
   if "kind" in record or "binary" in record:
@@ -287,12 +293,14 @@ def json_files(path: str | os.PathLike) -> list[pathlib.Path]:
   return [path]
 
 
-def read_items(path: str | os.PathLike, video_root: str,
-               seed: int = 0) -> tuple[list[Item], list[Failure]]:
+def read_items(path: str | os.PathLike, video_root: str, seed: int = 0,
+               predictions: dict | None = None) -> tuple[list[Item], list[Failure]]:
   """Items and record failures of one annotation file (or directory of task files).
 
   A file that is not valid JSON or not a list raises (it is a configuration error, not a
   bad record). A .csv or .jsonl file holds (video, caption) rows (captions.py).
+  bad record). ``predictions`` ({clip id: ranked action ids}, recognizer.read_predictions)
+  gives the options of EPIC-layout files.
   """
   if pathlib.Path(path).suffix in (".csv", ".jsonl"):
     from mashvlm_jax.data import captions
@@ -307,6 +315,11 @@ def read_items(path: str | os.PathLike, video_root: str,
       raise ValueError(f"annotation file {file} should hold a JSON list of records, found "
                        f"{type(records).__name__}")
     layout = file_layout(records)
+    if layout == "epic":
+      got, failed = epic_items(records, file, video_root, predictions)
+      items += got
+      failures += failed
+      continue
     for index, record in enumerate(records):
       key = f"{file.stem}/{index:06d}"
       rng = np.random.default_rng([seed, index, len(file.stem)])
@@ -316,4 +329,126 @@ def read_items(path: str | os.PathLike, video_root: str,
       except RecordError as e:
         video = record.get("video", "?") if isinstance(record, dict) else "?"
         failures.append(Failure(f"{file} record {index} (video {video})", str(e)))
+  return items, failures
+
+
+# ------------------------------------------------------------------------------ EPIC
+
+# An EPIC action class id: verb_class * EPIC_NOUNS + noun_class (EPIC-KITCHENS-100 has 97
+# verbs and 300 nouns); the predictions file ranks these ids.
+EPIC_NOUNS = 1000
+
+
+def epic_action_id(verb_class: int, noun_class: int) -> int:
+  return verb_class * EPIC_NOUNS + noun_class
+
+
+def _seconds(record: dict, name: str) -> float:
+  """A time field as seconds: a number, or "HH:MM:SS(.ff)" as EPIC's CSVs write it."""
+  value = _field(record, name, (int, float, str), "EPIC-KITCHENS")
+  if isinstance(value, bool):
+    raise RecordError(f"field {name!r} should be seconds or 'HH:MM:SS.ff', found {value!r}")
+  if isinstance(value, str):
+    parts = value.split(":")
+    try:
+      if len(parts) != 3:
+        raise ValueError
+      hours, minutes, secs = int(parts[0]), int(parts[1]), float(parts[2])
+    except ValueError:
+      raise RecordError(f"field {name!r} should be seconds or 'HH:MM:SS.ff', found "
+                        f"{value!r:.40}") from None
+    value = hours * 3600 + minutes * 60 + secs
+  if value < 0:
+    raise RecordError(f"field {name!r} should be >= 0 seconds, found {value}")
+  return float(value)
+
+
+def _class_id(record: dict, name: str) -> int:
+  value = _field(record, name, int, "EPIC-KITCHENS")
+  if isinstance(value, bool) or not 0 <= value < EPIC_NOUNS:
+    raise RecordError(f"field {name!r} should be a class id in [0, {EPIC_NOUNS}), found "
+                      f"{value!r}")
+  return value
+
+
+def _epic_segment(record) -> dict:
+  """The checked fields of one EPIC record (RecordError naming the field)."""
+  if not isinstance(record, dict):
+    raise RecordError(f"record should be an object, found {type(record).__name__}")
+  out = {"video": _field(record, "video", str, "EPIC-KITCHENS"),
+         "start": _seconds(record, "start"), "stop": _seconds(record, "stop"),
+         "narration": _field(record, "narration", str, "EPIC-KITCHENS"),
+         "verb": _field(record, "verb", str, "EPIC-KITCHENS"),
+         "noun": _field(record, "noun", str, "EPIC-KITCHENS"),
+         "verb_class": _class_id(record, "verb_class"),
+         "noun_class": _class_id(record, "noun_class")}
+  if out["stop"] <= out["start"]:
+    raise RecordError(f"field 'stop' ({out['stop']} s) should be after 'start' "
+                      f"({out['start']} s)")
+  if "id" in record and (not isinstance(record["id"], str) or not record["id"]):
+    raise RecordError(f"field 'id' should be a non-empty string, found {record['id']!r:.40}")
+  out["id"] = record.get("id")
+  out["action"] = epic_action_id(out["verb_class"], out["noun_class"])
+  return out
+
+
+def epic_items(records: list, file: pathlib.Path, video_root: str,
+               predictions: dict | None) -> tuple[list[Item], list[Failure]]:
+  """Items and failures of an EPIC-layout file.
+
+  Each action segment becomes one item (the video trimmed to [start, stop]) with one
+  multiple-choice row (tasks/mqa.py): its options are ``mqa_options(action, ranked)`` over
+  the clip's ranked action ids in ``predictions`` (keyed by the record's "id", else
+  "<file stem>/<index>"), keeping the ids this file names (an option is written "verb
+  noun", the words of the first record of its class); stored in canonical order, shuffled
+  per visit (mqa_train.render_mqa). The two previous segments of the same video (by start
+  time, with earlier index on ties) give the prior actions. A record without a prediction
+  or with fewer than K nameable ranked classes fails like a malformed one.
+  """
+  from mashvlm_jax.data.tasks import mqa, mqa_train
+  segments, failures = {}, []
+
+  def where(index, record):
+    video = record.get("video", "?") if isinstance(record, dict) else "?"
+    return f"{file} record {index} (video {video})"
+
+  for index, record in enumerate(records):
+    try:
+      segments[index] = _epic_segment(record)
+    except RecordError as e:
+      failures.append(Failure(where(index, record), str(e)))
+  names = {}
+  for seg in segments.values():
+    names.setdefault(seg["action"], f"{seg['verb']} {seg['noun']}")
+  by_video = collections.defaultdict(list)
+  for index, seg in sorted(segments.items(), key=lambda kv: (kv[1]["start"], kv[0])):
+    by_video[seg["video"]].append(index)
+  previous = {}
+  for order in by_video.values():
+    for position, index in enumerate(order):
+      before = order[max(0, position - 2):position]
+      previous[index] = ([names[segments[i]["action"]] for i in before]
+                         if len(before) == 2 else None)
+  items = []
+  for index, seg in segments.items():
+    key = seg["id"] or f"{file.stem}/{index:06d}"
+    try:
+      if predictions is None:
+        raise RecordError("EPIC-layout records need a predictions file "
+                          "(data.mqa_predictions: clip id -> ranked action ids)")
+      if key not in predictions:
+        raise RecordError(f"no prediction for clip {key!r} in the predictions file")
+      ranked = [c for c in predictions[key] if c in names]
+      if len(ranked) < mqa.K:
+        raise RecordError(f"the prediction of clip {key!r} ranks {len(ranked)} action ids "
+                          f"this file names, fewer than K={mqa.K}")
+      row = mqa_train.stored_row(seg["action"], mqa.mqa_options(seg["action"], ranked),
+                                 previous[index], names=names)
+    except RecordError as e:
+      failures.append(Failure(where(index, records[index]), str(e)))
+      continue
+    path = seg["video"] if os.path.isabs(seg["video"]) else os.path.join(video_root,
+                                                                        seg["video"])
+    items.append(Item(key, path, seg["video"], [row], "epic", action=seg["narration"],
+                      start=seg["start"], end=seg["stop"]))
   return items, failures

@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -151,10 +152,17 @@ def synthetic_questions(spec: synthetic.ClipSpec, train_negatives: str = "typica
 
 def synthetic_example(spec: synthetic.ClipSpec, num_frames: int, size: int,
                       train_negatives: str = "typical", train_tasks: Sequence[str] = (),
-                      seed: int = 0) -> dict:
+                      seed: int = 0, config=None) -> dict:
+  """One stored example; ``config`` (the build's SyntheticConfig) reaches the families
+  (BuildContext.config), and a family's clip renderer may draw a training clip."""
   ctx = families.BuildContext(num_frames=num_frames, size=size, seed=seed,
-                              train_negatives=train_negatives)
-  return example(id=spec.id, frames=synthetic.render_clip(spec, num_frames, size, size),
+                              train_negatives=train_negatives, config=config)
+  frames = None
+  if spec.split == "train" and train_tasks:
+    frames = families.family_frames(train_tasks, spec, ctx)
+  if frames is None:
+    frames = synthetic.render_clip(spec, num_frames, size, size)
+  return example(id=spec.id, frames=frames,
                  qa=synthetic_questions(spec, train_negatives, train_tasks, ctx),
                  task="synthetic", kind=spec.kind,
                  action=spec.action, scene=spec.scene)
@@ -245,7 +253,7 @@ class SyntheticUnscene(BuildReport, tfds.core.GeneratorBasedBuilder):
                                  scene_only_share=cfg.scene_only_share)
     for spec in specs:
       yield spec.id, synthetic_example(spec, cfg.num_frames, cfg.size, cfg.train_negatives,
-                                       cfg.train_tasks, cfg.seed)
+                                       cfg.train_tasks, cfg.seed, cfg)
       self.count_records(1)
 
   def _download_and_prepare(self, dl_manager, download_config):
@@ -277,6 +285,7 @@ class LocalConfig(tfds.core.BuilderConfig):
   size: int = 224
   sample_mode: str = "middle"
   max_failure_share: float = 0.05
+  predictions: str = ""  # EPIC layout: clip id -> ranked action ids (JSON lines)
   num_threads: int = 4
   seed: int = 0
   storage: storage.StorageSpec = storage.StorageSpec()  # data.storage: raw | jpeg | source
@@ -356,8 +365,15 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split, sources):
     cfg = self.builder_config
     items, failures = [], []
+    predictions = None
+    if cfg.predictions:  # a broken predictions file is a configuration error: it raises
+      from mashvlm_jax.data import recognizer
+      if not os.path.isfile(cfg.predictions):
+        raise FileNotFoundError(f"data.mqa_predictions names {cfg.predictions}, which does "
+                                f"not exist")
+      predictions = recognizer.read_predictions(cfg.predictions, num_classes=None)
     for path, root in sources:
-      got, failed = annotations.read_items(path, root, seed=cfg.seed)
+      got, failed = annotations.read_items(path, root, seed=cfg.seed, predictions=predictions)
       items += got
       failures += failed
     for failure in failures:

@@ -87,11 +87,16 @@ def builder(config):
     srcs = sources(config)
     params = dict(frames=frames, size=size, mode=d.build_sample_mode, seed=int(d.seed),
                   **store.params())
+    predictions = str(d.get("mqa_predictions", "") or "")
+    if predictions:  # the options change with the file: part of the name
+      predictions = paths.local_path(predictions)
+      stat = pathlib.Path(predictions).stat() if pathlib.Path(predictions).exists() else None
+      params["predictions"] = [predictions, stat and stat.st_size, stat and stat.st_mtime_ns]
     cfg = builders.LocalConfig(
         name=f"local_{_fingerprint(srcs, params)}", sources=srcs, num_frames=frames,
         size=size, sample_mode=d.build_sample_mode,
         max_failure_share=float(d.max_failure_share), num_threads=int(d.build_threads),
-        seed=int(d.seed), storage=store,
+        seed=int(d.seed), storage=store, predictions=predictions,
         description=f"local annotations {[s[1] for s in srcs]}")
     return builders.LocalVideoQa(config=cfg, **common)
   raise ValueError(f"unknown data.name {d.name!r}; known: {NAMES}")

@@ -331,6 +331,59 @@ def trajectory(action: str, num_frames: int, rng: np.random.Generator) -> np.nda
   return np.stack([x, y], axis=-1)
 
 
+# ------------------------------------------------------------------------------ held clips
+
+# Temporal-detection clips (issue 18, LLaVAction): the actor holds still before the action
+# starts and after it ends; the stored frames are FRAME_SECONDS apart. Only the clips a
+# temporal-detection family picks are rendered this way (render_held_clip); render_clip
+# is unchanged.
+STILL = 6  # the clip's rng stream for its still segments (after _LABELS .. TASKS)
+HOLD_PICK = 7  # the clip's rng stream that picks whether a training clip holds still
+FRAME_SECONDS = 0.25
+MIN_MOVING_FRAMES = 4  # every action moves between consecutive frames of 4+ frames
+
+
+def still_segment(spec: ClipSpec, num_frames: int) -> tuple[int, int]:
+  """(first, last) frame of the action in a held clip of ``num_frames`` frames, from the
+  clip's STILL stream: D ~ U{1, ..., T - MIN_MOVING_FRAMES} still frames in all, split by
+  rho ~ U(0, 1): first = round(rho * D), last = first + T - 1 - D."""
+  still = num_frames - MIN_MOVING_FRAMES
+  if still < 1:
+    raise ValueError(f"a clip that holds still needs at least {MIN_MOVING_FRAMES + 1} "
+                     f"frames, found {num_frames}")
+  rng = spec.rng(STILL)
+  d = int(rng.integers(1, still + 1))
+  first = int(round(rng.uniform(0.0, 1.0) * d))
+  return first, first + num_frames - 1 - d
+
+
+def held_trajectory(action: str, num_frames: int, first: int, last: int,
+                    rng: np.random.Generator) -> np.ndarray:
+  """float [T, 2]: the action's trajectory over frames first..last (its whole motion
+  compressed into last - first + 1 frames), held at its start before and at its end
+  after."""
+  if not 0 <= first < last < num_frames:
+    raise ValueError(f"the action must satisfy 0 <= first < last < {num_frames}, found "
+                     f"first={first}, last={last}")
+  path = trajectory(action, last - first + 1, rng)
+  return path[np.clip(np.arange(num_frames) - first, 0, last - first)]
+
+
+def render_held_clip(spec: ClipSpec, num_frames: int, height: int, width: int, first: int,
+                     last: int) -> np.ndarray:
+  """uint8 [T, H, W, 3]: render_clip's scene and actor, the actor still outside frames
+  first..last (held_trajectory; the same scene, look and motion streams)."""
+  if not spec.action:
+    raise ValueError(f"clip {spec.id} has no actor: it cannot hold still around an action")
+  background = render_scene(spec.scene, spec.rng(_SCENE), height, width)
+  frames = np.repeat(background[None], num_frames, axis=0)
+  look = draw_appearance(spec.rng(_APPEARANCE))
+  path = held_trajectory(spec.action, num_frames, first, last, spec.rng(_MOTION))
+  for frame, center in zip(frames, path):
+    draw_actor(frame, center, look)
+  return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
 def _figure_parts(y, x, cx, cy, size, aspect):
   """Boolean masks (head, shirt, pants) of a figure centred at (cx, cy), height ``size``.
 

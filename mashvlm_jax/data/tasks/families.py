@@ -26,6 +26,8 @@ import numpy as np
 TRAIN_FAMILIES: dict[str, Callable] = {}
 # QA task name -> render(row, rng) -> row.
 VISIT_RENDERERS: dict[str, Callable[[dict, np.random.Generator], dict]] = {}
+# family name -> frames(spec, ctx) -> uint8 [T, S, S, 3] or None (the clip as usual).
+CLIP_RENDERERS: dict[str, Callable] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,9 @@ class BuildContext:
   size: int
   seed: int = 0
   train_negatives: str = "typical"
+  # The build's builders.SyntheticConfig, for families that need the whole split (the
+  # multiple-choice families fit a recognizer on it); None outside a build.
+  config: object = None
 
 
 def _register(table: dict, kind: str, name: str):
@@ -57,6 +62,12 @@ def train_family(name: str):
 def visit_renderer(task: str):
   """Decorator: ``fn(row, rng) -> row`` re-renders stored rows of ``task`` at each visit."""
   return _register(VISIT_RENDERERS, "visit renderer", task)
+
+
+def clip_renderer(name: str):
+  """Decorator: ``fn(spec, ctx) -> frames or None`` renders the training clips family
+  ``name`` needs drawn otherwise (e.g. held still around the action); None: as usual."""
+  return _register(CLIP_RENDERERS, "clip renderer", name)
 
 
 _loaded = []
@@ -98,3 +109,14 @@ def render_visit(row: dict, rng: np.random.Generator) -> dict:
   _load()
   render = VISIT_RENDERERS.get(row["task"])
   return row if render is None else render(dict(row), rng)
+
+
+def family_frames(names: Sequence[str], spec, ctx: BuildContext):
+  """The frames of a training clip as the first family in ``names`` with a clip renderer
+  draws them, or None when none does (the clip renders as usual)."""
+  for name in check_train_tasks(names):
+    render = CLIP_RENDERERS.get(name)
+    frames = None if render is None else render(spec, ctx)
+    if frames is not None:
+      return frames
+  return None

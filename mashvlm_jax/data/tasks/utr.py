@@ -320,6 +320,12 @@ def check_config(config, augment: bool) -> None:
                      f"data.stored_frames=0 (the model's)")
   if d.name != "synthetic_unscene":
     return
+  names = families.check_train_tasks(d.get("train_tasks", ()))
+  redrawn = [n for n in names if n in families.CLIP_RENDERERS]
+  if redrawn:
+    raise ValueError(f"{where} hold the boxes of the ordinary render, but data.train_tasks "
+                     f"also names {redrawn}, which redraw some training clips (e.g. held "
+                     f"still for temporal detection): train them in separate runs")
   need = longest_text(registry.load_tokenizer(config), chat.ChatTemplate(**dict(d.template)),
                       frames)
   if need > int(d.text_len):
