@@ -2,6 +2,13 @@
 16 frames -> M = 47 temporal and N = 256 spatial tokens.
 
 Variants: --config=configs/mashvlm_7b.py:ablation=t6_disable_none,remat=dots
+
+HACA fine-tuning (paper App. A; data/tasks/haca.py) on users' VideoCon-style annotations:
+haca=lora16 (VideoChat2's setting: LoRA rank 16, alpha 32, lr 2e-5) or haca=lora128
+(Video-LLaVA's: rank 128, alpha 256, lr 2e-4), vision frozen, AdamW, 3 epochs; rows per
+VideoCon record from haca_family=haca|haca_mask|entailment. With
+train_examples=N (the training records), total_steps = ceil(3 N / data.batch_size).
+Start from the stage-2 model with --config.init_from=<import-hf or workdir>.
 """
 import os
 
@@ -11,7 +18,8 @@ from mashvlm_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, ablation="mash", remat="full", dtype="bfloat16")
+  arg = config_lib.parse_arg(arg, ablation="mash", remat="full", dtype="bfloat16", haca="",
+                             haca_family="haca", train_examples=0)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.text_len = 512
@@ -94,4 +102,34 @@ def get_config(arg=None):
       build_threads=16,
       max_failure_share=0.05,
   ))
+  apply_haca_recipe(config, arg.haca, arg.haca_family, arg.train_examples)
   return config
+
+
+# The paper's two LoRA settings: name -> (rank, alpha, learning rate).
+HACA_LORA = {"lora16": (16, 32.0, 2e-5), "lora128": (128, 256.0, 2e-4)}
+HACA_EPOCHS = 3
+
+
+def apply_haca_recipe(config, haca: str, family: str, train_examples: int) -> None:
+  """haca "" leaves the config as it is; else LoRA on the decoder's projections
+  (model.lora: rank, alpha, targets, dropout), the setting's learning rate, the vision
+  tower frozen, data.train_tasks = (family,) and, with train_examples, 3 epochs of steps."""
+  if not haca:
+    return
+  if haca not in HACA_LORA:
+    raise ValueError(f"config argument haca must be one of {sorted(HACA_LORA)}, found "
+                     f"{haca!r}")
+  if family not in ("entailment", "haca", "haca_mask"):
+    raise ValueError(f"config argument haca_family must be entailment, haca or haca_mask, "
+                     f"found {family!r}")
+  rank, alpha, lr = HACA_LORA[haca]
+  config.model.lora = dict(rank=rank, alpha=alpha,
+                           targets=r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                           dropout=0.05)
+  config.model.freeze_vision = True
+  config.optim.lr = lr
+  config.optim.weight_decay = 0.0
+  config.data.train_tasks = (family,)
+  if train_examples:
+    config.total_steps = -(-HACA_EPOCHS * train_examples // config.data.batch_size)

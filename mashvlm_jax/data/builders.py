@@ -276,6 +276,20 @@ class LocalConfig(tfds.core.BuilderConfig):
   max_failure_share: float = 0.05
   num_threads: int = 4
   seed: int = 0
+  haca_family: str = "haca"  # rows of VideoCon-style records (local_haca_family)
+
+
+def local_haca_family(train_tasks: Sequence[str]) -> str:
+  """The HACA family ("entailment" | "haca" | "haca_mask") data.train_tasks names for
+  users' VideoCon-style records; "haca" when it names none. ValueError for anything else
+  (users' data has no other training families) or for more than one."""
+  from mashvlm_jax.data.tasks import haca
+  names = tuple(str(n) for n in train_tasks)
+  if not set(names) <= set(haca.FAMILIES) or len(names) > 1:
+    raise ValueError(f"data.train_tasks for users' data (local_video_qa) names at most one "
+                     f"HACA family of {haca.FAMILIES} (the rows of VideoCon-style records), "
+                     f"found {list(names)}")
+  return names[0] if names else haca.HACA
 
 
 class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
@@ -318,7 +332,8 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     items, failures = [], []
     for path, root in sources:
-      got, failed = annotations.read_items(path, root, seed=cfg.seed)
+      got, failed = annotations.read_items(path, root, seed=cfg.seed,
+                                           haca_family=cfg.haca_family)
       items += got
       failures += failed
     for failure in failures:
