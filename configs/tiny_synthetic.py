@@ -49,7 +49,7 @@ def get_config(arg=None):
 
   # Input data (mashvlm_jax/data/; `mashvlm make-data --config=...` builds it). The
   # synthetic set is stored at the model's frame count and resolution; its word-level
-  # tokenizer (183 tokens) is stored with it and fits in vocab_size=512 (kept: a
+  # tokenizer (194 tokens) is stored with it and fits in vocab_size=512 (kept: a
   # multiple of 64).
   config.data = ml_collections.ConfigDict(dict(
       name="synthetic_unscene",  # | "local_video_qa" (annotations + video_root below)

@@ -9,6 +9,8 @@ Benchmarks:
   open_qa         free-form questions with reference answers -> predictions + judge prompts
   mvbench         multiple choice, official prompt and first-token answer extraction
   synthetic       the synthetic test splits: UNSCENE binary (likelihood) + label probe
+  entailment      caption pairs (HACA): P(yes | true caption) > P(yes | contrast caption)
+  retrieval       text-to-video retrieval mAP, each clip scored by P(yes | query caption)
 A rerun with the same --out resumes from predictions.jsonl (--noresume starts over); the
 output directory records the checkpoint and step it evaluates and refuses another's.
 Judged benchmarks are completed with ``mashvlm import-judgments``.
@@ -26,7 +28,8 @@ from ml_collections import config_flags
 
 from mashvlm_jax import paths
 
-BENCHMARKS = ("unscene_binary", "unscene_open", "open_qa", "mvbench", "synthetic")
+BENCHMARKS = ("unscene_binary", "unscene_open", "open_qa", "mvbench", "synthetic",
+              "entailment", "retrieval")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
                                 lock_config=True)
@@ -76,6 +79,12 @@ def run(config, params, benchmark: str, out: str) -> dict:
     split = (splits or list(config.data.eval_splits))[0]
     return mvbench.evaluate(config, params, out, split=split, batch_size=_BATCH.value,
                             max_new_tokens=short, **common)
+  if benchmark in ("entailment", "retrieval"):
+    from mashvlm_jax.eval import entailment
+    evaluate = (entailment.evaluate_pairs if benchmark == "entailment"
+                else entailment.evaluate_retrieval)
+    return evaluate(config, params, out, splits=splits, clips_per_batch=_BATCH.value,
+                    **common)
   return synthetic.evaluate(config, params, out, **common)
 
 
