@@ -211,3 +211,29 @@ def test_eval_retrieval_end_to_end(evaluated):
       assert result["ap"][pool][f"A person is {action}."] == pytest.approx(100 * aps[-1],
                                                                           abs=1e-6)
     assert result["map"][pool] == pytest.approx(100 * np.mean(aps), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ users' data
+
+def test_users_pairs_and_retrieval_pools_come_from_their_rows(monkeypatch):
+  from conftest import load_config
+  from mashvlm_jax.data.tasks import haca, qa
+  from mashvlm_jax.eval import common
+  pair = [qa("A dog runs.", "Yes", task=haca.PAIR, aspect="action", pair=0),
+          qa("A dog sits.", "No", task=haca.PAIR, aspect="action", pair=0)]
+  record = dict(id="velociti/000000", task="velociti", kind="", action="", scene="", qa=pair)
+  rows = entailment.pair_rows(record, "velociti")
+  assert [(r["caption"], r["answer"], r["type"], r["pair"]) for r in rows] == [
+      ("A dog runs.", "Yes", "action", 0), ("A dog sits.", "No", "action", 0)]
+
+  labels = ["A dog runs.", "A dog sits.", "A dog runs."]
+  records = [dict(id=f"ssv2/{k:06d}", qa=[qa(x, "", task=haca.RETRIEVAL)], frames=None)
+             for k, x in enumerate(labels)]
+  monkeypatch.setattr(common, "eval_records",
+                      lambda config, splits, max_items=0: [("ssv2", r) for r in records])
+  config = load_config("tiny_synthetic")
+  config.data.name = "local_video_qa"
+  pools = entailment.retrieval_pools(config, splits=["ssv2"])
+  got, queries, relevant = pools["ssv2"]
+  assert queries == ["A dog runs.", "A dog sits."] and len(got) == 3
+  np.testing.assert_array_equal(relevant, [[1, 0, 1], [0, 1, 0]])

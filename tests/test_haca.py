@@ -325,3 +325,41 @@ def test_haca_layouts_build_through_make_data_with_relative_paths(tmp_path):
   assert ids.count(mask_id) == 1
   assert row["labels"][row["label_mask"] > 0].tolist() == (
       transform.tok.encode("A dog runs.") + [transform.tok.eos_id])
+
+
+# ------------------------------------------------------------------------------ recipes
+
+def test_tiny_recipe_sets_the_family_and_every_row_fits_its_text_len(tmp_path):
+  from mashvlm_jax.data import chat
+  tokenizer_lib.save_atomic(tokenizer_lib.build_word_tokenizer(builders.vocabulary_texts()),
+                            tmp_path / "words.json")
+  tok = tokenizer_lib.Tokenizer(str(tmp_path / "words.json"), "hf")
+  for recipe in ("entailment", "haca", "haca_mask"):
+    config = load_config("tiny_synthetic", f"recipe={recipe}")
+    assert tuple(config.data.train_tasks) == (recipe,) and config.data.text_len == 48
+    ctx = families.BuildContext(num_frames=2, size=8)
+    for spec in synthetic.clip_specs("train", 48, scene_only_share=0.2):
+      rows = builders.synthetic_questions(spec, train_tasks=(recipe,), ctx=ctx)
+      for row in rows:
+        _, _, report = chat.fit(*chat.encode_turns(tok, chat.ChatTemplate(), [row]),
+                                config.data.text_len)
+        assert not any(report.values()), row  # nothing of a HACA row is truncated
+  assert load_config("tiny_synthetic").data.train_tasks == ()
+  with pytest.raises(ValueError, match="recipe must be one of"):
+    load_config("tiny_synthetic", "recipe=lora")
+
+
+def test_7b_recipe_is_the_papers_two_lora_settings():
+  base = load_config("mashvlm_7b")
+  assert "lora" not in base.model and base.optim.lr == 2e-5
+  small = load_config("mashvlm_7b", "haca=lora16")
+  assert dict(small.model.lora)["rank"] == 16 and dict(small.model.lora)["alpha"] == 32.0
+  assert small.optim.lr == 2e-5 and small.model.freeze_vision
+  assert tuple(small.data.train_tasks) == ("haca",)
+  large = load_config("mashvlm_7b", "haca=lora128,haca_family=haca_mask,train_examples=1000")
+  assert (large.model.lora.rank, large.model.lora.alpha, large.optim.lr) == (128, 256.0, 2e-4)
+  assert tuple(large.data.train_tasks) == ("haca_mask",)
+  assert large.total_steps == 24  # 3 epochs of 1000 records at batch 128: ceil(23.4)
+  assert all(p in large.model.lora.targets for p in ("q_proj", "v_proj", "down_proj"))
+  with pytest.raises(ValueError, match="haca must be one of"):
+    load_config("mashvlm_7b", "haca=lora8")
