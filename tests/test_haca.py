@@ -363,3 +363,10 @@ def test_7b_recipe_is_the_papers_two_lora_settings():
   assert all(p in large.model.lora.targets for p in ("q_proj", "v_proj", "down_proj"))
   with pytest.raises(ValueError, match="haca must be one of"):
     load_config("mashvlm_7b", "haca=lora8")
+
+
+def test_users_data_takes_one_haca_family():
+  assert builders.local_haca_family(()) == "haca"
+  assert builders.local_haca_family(("haca_mask",)) == "haca_mask"
+  with pytest.raises(ValueError, match=r"names 2 HACA families \['haca', 'entailment'\]"):
+    builders.local_haca_family(("haca", "entailment"))
