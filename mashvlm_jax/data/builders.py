@@ -293,8 +293,9 @@ def local_haca_family(train_tasks: Sequence[str]) -> str:
 
 
 class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
-  """Users' videos with VideoChat2-IT, MVBench or UNSCENE annotations, decoded and
-  frame-sampled at build time (video.read_video, ``sample_mode``, no random draws)."""
+  """Users' videos with VideoChat2-IT, MVBench, UNSCENE or HACA (VideoCon, VELOCITI, SSv2)
+  annotations (annotations.py), decoded and frame-sampled at build time
+  (video.read_video, ``sample_mode``, no random draws)."""
   VERSION = tfds.core.Version("1.0.0")
 
   def __init__(self, *args, **kwargs):
