@@ -6,6 +6,13 @@ Recipes: recipe=utr (Video-UTR stage II, Table 9 and Table 8 of the UTR paper; s
 _utr_recipe and docs/design.md "UTR trajectory queries").
 Stage 1 (projector alignment on video-caption pairs, e.g. WebVid):
   --config=configs/mashvlm_7b.py:stage=pretrain  (see ``pretrain_stage``)
+
+HACA fine-tuning (paper App. A; data/tasks/haca.py) on users' VideoCon-style annotations:
+haca=lora16 (VideoChat2's setting: LoRA rank 16, alpha 32, lr 2e-5) or haca=lora128
+(Video-LLaVA's: rank 128, alpha 256, lr 2e-4), vision frozen, AdamW, 3 epochs; rows per
+VideoCon record from haca_family=haca|haca_mask|entailment. With
+train_examples=N (the training records), total_steps = ceil(3 N / data.batch_size).
+Start from the stage-2 model with --config.init_from=<import-hf or workdir>.
 """
 import os
 
@@ -16,7 +23,8 @@ from mashvlm_jax import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, ablation="mash", remat="full", dtype="bfloat16",
-                             stage="instruct", recipe="")
+                             stage="instruct", recipe="", haca="", haca_family="haca",
+                             train_examples=0)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.text_len = 512
@@ -126,6 +134,10 @@ def get_config(arg=None):
     _utr_recipe(config)
   elif arg.recipe:
     raise ValueError(f"unknown recipe {arg.recipe!r}; known: utr")
+  if arg.haca and (arg.recipe or arg.stage == "pretrain"):
+    raise ValueError(f"haca={arg.haca} is a fine-tuning recipe of its own; it does not "
+                     f"combine with recipe= or stage=pretrain")
+  apply_haca_recipe(config, arg.haca, arg.haca_family, arg.train_examples)
   return config
 
 
@@ -169,3 +181,33 @@ def pretrain_stage(config) -> None:
   config.data.batch_size = 256
   config.data.storage = "jpeg"
   config.data.template.system = ""
+
+
+
+# The paper's two LoRA settings: name -> (rank, alpha, learning rate).
+HACA_LORA = {"lora16": (16, 32.0, 2e-5), "lora128": (128, 256.0, 2e-4)}
+HACA_EPOCHS = 3
+
+
+def apply_haca_recipe(config, haca: str, family: str, train_examples: int) -> None:
+  """haca "" leaves the config as it is; else LoRA on the decoder's projections
+  (model.lora: rank, alpha, targets, dropout), the setting's learning rate, the vision
+  tower frozen, data.train_tasks = (family,) and, with train_examples, 3 epochs of steps."""
+  if not haca:
+    return
+  if haca not in HACA_LORA:
+    raise ValueError(f"config argument haca must be one of {sorted(HACA_LORA)}, found "
+                     f"{haca!r}")
+  if family not in ("entailment", "haca", "haca_mask"):
+    raise ValueError(f"config argument haca_family must be entailment, haca or haca_mask, "
+                     f"found {family!r}")
+  rank, alpha, lr = HACA_LORA[haca]
+  config.model.lora = dict(rank=rank, alpha=alpha,
+                           targets=r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                           dropout=0.05)
+  config.model.freeze_vision = True
+  config.optim.lr = lr
+  config.optim.weight_decay = 0.0
+  config.data.train_tasks = (family,)
+  if train_examples:
+    config.total_steps = -(-HACA_EPOCHS * train_examples // config.data.batch_size)

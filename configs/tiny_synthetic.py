@@ -2,6 +2,12 @@
 
 Variants: --config=configs/tiny_synthetic.py:ablation=t7_distinct (names in
 mashvlm_jax/config_lib.py ABLATIONS), dtype=bfloat16.
+
+HACA fine-tuning (data/tasks/haca.py): recipe=entailment|haca|haca_mask adds that family's
+rows to every training clip (data.train_tasks) and widens the text to hold a caption in
+both the question and the correction (text_len 48). Start it from a stage-1 run with
+--config.init_from=<workdir> and evaluate with `mashvlm eval --benchmark=entailment` and
+`--benchmark=retrieval`.
 """
 import os
 
@@ -11,7 +17,7 @@ from mashvlm_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, ablation="mash", dtype="float32")
+  arg = config_lib.parse_arg(arg, ablation="mash", dtype="float32", recipe="")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.text_len = 32  # padded chat-text length per row
@@ -47,7 +53,7 @@ def get_config(arg=None):
 
   # Input data (mashvlm_jax/data/; `mashvlm make-data --config=...` builds it). The
   # synthetic set is stored at the model's frame count and resolution; its word-level
-  # tokenizer (183 tokens) is stored with it and fits in vocab_size=512 (kept: a
+  # tokenizer (194 tokens) is stored with it and fits in vocab_size=512 (kept: a
   # multiple of 64).
   config.data = ml_collections.ConfigDict(dict(
       name="synthetic_unscene",  # | "local_video_qa" (annotations + video_root below)
@@ -105,6 +111,8 @@ def get_config(arg=None):
       mqa_predictions="",
   ))
 
+  apply_haca_recipe(config, arg.recipe)
+
   # Training (mashvlm train): 2 CPU cores, about 10 minutes from a fresh machine.
   config.total_steps = 1500
   config.checkpoint_every = 500
@@ -123,3 +131,17 @@ def get_config(arg=None):
       lr_multipliers={},  # {regex: factor}
       no_decay=r"(norm|bias)"))
   return config
+
+
+HACA_RECIPES = ("entailment", "haca", "haca_mask")
+
+
+def apply_haca_recipe(config, recipe: str) -> None:
+  """recipe "" leaves the config as it is; else data.train_tasks = (recipe,) and text_len 48
+  (the longest HACA row, a correction of the longest caption, is 43 word tokens)."""
+  if not recipe:
+    return
+  if recipe not in HACA_RECIPES:
+    raise ValueError(f"config argument recipe must be one of {HACA_RECIPES}, found {recipe!r}")
+  config.data.train_tasks = (recipe,)
+  config.text_len = 48

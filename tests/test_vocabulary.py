@@ -245,9 +245,9 @@ def test_file_tokenizer_records(tmp_path):
   tokenizer_lib.save_atomic(tokenizer_lib.build_word_tokenizer(["Yes, no."]), hf)
   config.data.tokenizer.update(kind="hf", path=str(hf))
   record = registry.vocabulary_record(config)
-  assert record == {"kind": "hf", "size": 8, "tokenizer": str(hf),
+  assert record == {"kind": "hf", "size": 9, "tokenizer": str(hf),
                     "fingerprint": tokenizer_lib.vocabulary_fingerprint(
-                        SPECIALS + [",", ".", "no", "yes"])}
+                        SPECIALS + [",", ".", "[MASK]", "no", "yes"])}  # [MASK]: HACA
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("\n".join(["A person is skiing on a snowy mountain.",
                                "Is the person boxing? No"] * 50))

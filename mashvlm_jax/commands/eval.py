@@ -12,6 +12,8 @@ Benchmarks:
   mqa             LLaVAction multiple choice on the synthetic test splits, by likelihood and
                   by generation (--mqa_options=recognizer|random|recognizer,random,
                   --prior=none|gt|self; eval/mqa.py)
+  entailment      caption pairs (HACA): P(yes | true caption) > P(yes | contrast caption)
+  retrieval       text-to-video retrieval mAP, each clip scored by P(yes | query caption)
 A rerun with the same --out resumes from predictions.jsonl (--noresume starts over); the
 output directory records the checkpoint and step it evaluates and refuses another's.
 Judged benchmarks are completed with ``mashvlm import-judgments``.
@@ -29,7 +31,8 @@ from ml_collections import config_flags
 
 from mashvlm_jax import paths
 
-BENCHMARKS = ("unscene_binary", "unscene_open", "open_qa", "mvbench", "synthetic", "mqa")
+BENCHMARKS = ("unscene_binary", "unscene_open", "open_qa", "mvbench", "synthetic", "mqa",
+              "entailment", "retrieval")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
                                 lock_config=True)
@@ -91,6 +94,12 @@ def run(config, params, benchmark: str, out: str) -> dict:
     if len(sources) == 1:
       return mqa.evaluate(config, params, out, source=sources[0], **options)
     return mqa.compare(config, params, out, sources=sources, **options)
+  if benchmark in ("entailment", "retrieval"):
+    from mashvlm_jax.eval import entailment
+    evaluate = (entailment.evaluate_pairs if benchmark == "entailment"
+                else entailment.evaluate_retrieval)
+    return evaluate(config, params, out, splits=splits, clips_per_batch=_BATCH.value,
+                    **common)
   return synthetic.evaluate(config, params, out, **common)
 
 

@@ -1,6 +1,6 @@
 """Reading users' annotation files into one item format, with per-record validation.
 
-Three layouts are recognised per record (a JSON file holds a list of records):
+These layouts are recognised per record (a JSON file holds a list of records):
   * VideoChat2-IT: {"video": rel path, "QA": [{"i", "q", "a"}, ...], "start"?, "end"?}
   * MVBench (one JSON per task, the task named by the file stem):
     {"video", "question", "candidates": [...], "answer", "start"?, "end"?}
@@ -20,6 +20,14 @@ Three layouts are recognised per record (a JSON file holds a list of records):
     {"id"?, "video", "start", "stop" (seconds or "HH:MM:SS.ff"), "narration", "verb",
      "verb_class", "noun", "noun_class"}: a multiple-choice row whose options come from
     the predictions file (``read_items(predictions=...)``); see ``epic_items``.
+  * VideoCon-style (training, HACA): {"video", "caption", "contrast_caption",
+    "contrast_type"?, "start"?, "end"?} -> a positive and a negative row, plus a masking
+    row for haca_mask (``haca_family``, tasks/haca.py pair_rows)
+  * VELOCITI-style (evaluation, entailment pairs): {"video", "positive_caption",
+    "negative_caption", "type"?} -> two tasks/haca.PAIR rows ("Yes" / "No", ``aspect`` =
+    the type) sharing ``pair``; a video with several pairs is one record per pair
+  * SSv2-style (evaluation, text-to-video retrieval): {"video", "label"} -> one
+    tasks/haca.RETRIEVAL row holding the label text (the query this clip is relevant to)
 A record that breaks its layout becomes a ``Failure`` naming the file, the record and the
 field (expected vs found); the caller decides how many failures are acceptable.
 """
@@ -34,7 +42,7 @@ import pathlib
 import numpy as np
 
 from mashvlm_jax.data import synthetic
-from mashvlm_jax.data.tasks import mvbench, qa, unscene_binary
+from mashvlm_jax.data.tasks import haca, mvbench, qa, unscene_binary
 
 UNSCENE_KINDS = ("unusual", "scene_only")
 
@@ -113,9 +121,41 @@ def layout_of(record: dict) -> str:
     return "mvbench"
   if "kind" in record or "binary" in record:
     return "unscene"
+  if "contrast_caption" in record:
+    return "videocon"
+  if "positive_caption" in record or "negative_caption" in record:
+    return "velociti"
+  if "label" in record:
+    return "ssv2"
   raise RecordError(f"unknown layout: fields {sorted(record)[:8]} match none of "
                     f"VideoChat2-IT (QA), MVBench (question, candidates, answer), "
-                    f"UNSCENE (kind, scene, action) or tracks (tracks)")
+                    f"UNSCENE (kind, scene, action), tracks (tracks), VideoCon (caption, "
+                    f"contrast_caption), VELOCITI (positive_caption, negative_caption) or "
+                    f"SSv2 (label)")
+
+
+def _text_field(record: dict, name: str, layout: str) -> str:
+  """A non-empty string field (RecordError naming it otherwise)."""
+  value = _field(record, name, str, layout)
+  if not value.strip():
+    raise RecordError(f"field {name!r} is empty ({layout} layout expects text)")
+  return value.strip()
+
+
+def _haca_qa(record: dict, layout: str, haca_family: str) -> tuple[str, list]:
+  """(item task, QA rows) of a VideoCon, VELOCITI or SSv2 record."""
+  if layout == "videocon":
+    positive = _text_field(record, "caption", "VideoCon")
+    negative = _text_field(record, "contrast_caption", "VideoCon")
+    kind = _field(record, "contrast_type", str, "VideoCon") if "contrast_type" in record else ""
+    return "videocon", haca.pair_rows(positive, negative, haca_family, kind)
+  if layout == "velociti":
+    positive = _text_field(record, "positive_caption", "VELOCITI")
+    negative = _text_field(record, "negative_caption", "VELOCITI")
+    kind = _field(record, "type", str, "VELOCITI") if "type" in record else ""
+    return "velociti", [qa(positive, "Yes", task=haca.PAIR, aspect=kind, pair=0),
+                        qa(negative, "No", task=haca.PAIR, aspect=kind, pair=0)]
+  return "ssv2", [qa(_text_field(record, "label", "SSv2"), "", task=haca.RETRIEVAL)]
 
 
 def _instruct_qa(record):
@@ -243,10 +283,12 @@ def file_layout(records: list) -> str | None:
 
 
 def parse_record(record, *, key: str, task: str, video_root: str,
-                 rng: np.random.Generator, layout: str | None = None) -> Item:
+                 rng: np.random.Generator, layout: str | None = None,
+                 haca_family: str = "haca") -> Item:
   """One record -> Item; raises RecordError naming the field (expected vs found).
 
   ``layout``: the file's layout (``file_layout``); None = decided by this record's fields.
+  ``haca_family``: the rows of VideoCon-style records (tasks/haca.py FAMILIES).
   """
   if not isinstance(record, dict):
     raise RecordError(f"record should be an object, found {type(record).__name__}")
@@ -275,6 +317,9 @@ def parse_record(record, *, key: str, task: str, video_root: str,
   if layout == "tracks":
     return Item(key, path, video, [], "tracks", start=start, end=end, tracks=_tracks(record),
                 seed=int(rng.integers(2 ** 31)))
+  if layout in ("videocon", "velociti", "ssv2"):
+    item_task, turns = _haca_qa(record, layout, haca_family)
+    return Item(key, path, video, turns, item_task, start=start, end=end)
   kind, action, scene, turns = _unscene_qa(record, rng)
   return Item(key, path, video, turns, "unscene", kind=kind, action=action, scene=scene,
               start=start, end=end)
@@ -294,7 +339,8 @@ def json_files(path: str | os.PathLike) -> list[pathlib.Path]:
 
 
 def read_items(path: str | os.PathLike, video_root: str, seed: int = 0,
-               predictions: dict | None = None) -> tuple[list[Item], list[Failure]]:
+               predictions: dict | None = None,
+               haca_family: str = "haca") -> tuple[list[Item], list[Failure]]:
   """Items and record failures of one annotation file (or directory of task files).
 
   A file that is not valid JSON or not a list raises (it is a configuration error, not a
@@ -325,7 +371,7 @@ def read_items(path: str | os.PathLike, video_root: str, seed: int = 0,
       rng = np.random.default_rng([seed, index, len(file.stem)])
       try:
         items.append(parse_record(record, key=key, task=file.stem, video_root=video_root,
-                                  rng=rng, layout=layout))
+                                  rng=rng, layout=layout, haca_family=haca_family))
       except RecordError as e:
         video = record.get("video", "?") if isinstance(record, dict) else "?"
         failures.append(Failure(f"{file} record {index} (video {video})", str(e)))

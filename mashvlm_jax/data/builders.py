@@ -289,13 +289,28 @@ class LocalConfig(tfds.core.BuilderConfig):
   num_threads: int = 4
   seed: int = 0
   storage: storage.StorageSpec = storage.StorageSpec()  # data.storage: raw | jpeg | source
+  haca_family: str = "haca"  # rows of VideoCon-style records (local_haca_family)
+
+
+def local_haca_family(train_tasks: Sequence[str]) -> str:
+  """The HACA family ("entailment" | "haca" | "haca_mask") data.train_tasks names for
+  users' VideoCon-style records; "haca" when it names none; ValueError when it names more
+  than one. (Its other, synthetic-only families do not apply to users' data.)"""
+  from mashvlm_jax.data.tasks import haca
+  names = [str(n) for n in train_tasks if str(n) in haca.FAMILIES]
+  if len(names) > 1:
+    raise ValueError(f"data.train_tasks names {len(names)} HACA families {names}; users' "
+                     f"VideoCon-style records are turned into the rows of one of "
+                     f"{haca.FAMILIES}")
+  return names[0] if names else haca.HACA
 
 
 class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
-  """Users' videos with VideoChat2-IT, MVBench or UNSCENE annotations (or caption rows,
-  captions.py), decoded and frame-sampled at build time (video.read_video,
-  ``sample_mode``, no random draws), or stored encoded for sampling at every visit
-  (``storage``: jpeg or source, storage.py)."""
+  """Users' videos with VideoChat2-IT, MVBench, UNSCENE, tracks, EPIC-KITCHENS or HACA
+  (VideoCon, VELOCITI, SSv2) annotations or caption rows (annotations.py, captions.py),
+  decoded and frame-sampled at build time (video.read_video, ``sample_mode``, no random
+  draws), or stored encoded for sampling at every visit (``storage``: jpeg or source,
+  storage.py)."""
   VERSION = tfds.core.Version("1.0.0")
 
   def __init__(self, *args, **kwargs):
@@ -373,7 +388,8 @@ class LocalVideoQa(BuildReport, tfds.core.GeneratorBasedBuilder):
                                 f"not exist")
       predictions = recognizer.read_predictions(cfg.predictions, num_classes=None)
     for path, root in sources:
-      got, failed = annotations.read_items(path, root, seed=cfg.seed, predictions=predictions)
+      got, failed = annotations.read_items(path, root, seed=cfg.seed, predictions=predictions,
+                                           haca_family=cfg.haca_family)
       items += got
       failures += failed
     for failure in failures:

@@ -92,11 +92,14 @@ def builder(config):
       predictions = paths.local_path(predictions)
       stat = pathlib.Path(predictions).stat() if pathlib.Path(predictions).exists() else None
       params["predictions"] = [predictions, stat and stat.st_size, stat and stat.st_mtime_ns]
+    haca_family = builders.local_haca_family(tuple(d.get("train_tasks", ())))
+    if haca_family != builders.LocalConfig.haca_family:  # the default keeps existing names
+      params["haca_family"] = haca_family
     cfg = builders.LocalConfig(
         name=f"local_{_fingerprint(srcs, params)}", sources=srcs, num_frames=frames,
         size=size, sample_mode=d.build_sample_mode,
         max_failure_share=float(d.max_failure_share), num_threads=int(d.build_threads),
-        seed=int(d.seed), storage=store, predictions=predictions,
+        seed=int(d.seed), storage=store, predictions=predictions, haca_family=haca_family,
         description=f"local annotations {[s[1] for s in srcs]}")
     return builders.LocalVideoQa(config=cfg, **common)
   raise ValueError(f"unknown data.name {d.name!r}; known: {NAMES}")
@@ -176,8 +179,13 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
     tok = _file_tokenizer(config)
   vocab = int(config.model.llm.vocab_size)
   if tok.vocab_size > vocab:
+    added = (f" after adding the {tok.extra} token that data.train_tasks "
+             f"{list(config.data.get('train_tasks', ()))} masks captions with: the embedding "
+             f"table has no room for it; give model.llm.vocab_size >= {tok.vocab_size} "
+             f"(resizing the imported embeddings) or train without masking rows"
+             if tok.extra and tok.extra_id >= vocab else "")
     raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but "
-                     f"model.llm.vocab_size is {vocab}")
+                     f"model.llm.vocab_size is {vocab}{added}")
   return tok
 
 
@@ -191,7 +199,15 @@ def _file_tokenizer(config) -> tokenizer_lib.Tokenizer:
   t = config.data.tokenizer
   if not t.path:
     raise ValueError(f"data.tokenizer.kind={t.kind!r} needs data.tokenizer.path")
-  return tokenizer_lib.Tokenizer(os.path.expanduser(str(t.path)), t.kind, t.bos, t.eos)
+  return tokenizer_lib.Tokenizer(os.path.expanduser(str(t.path)), t.kind, t.bos, t.eos,
+                                 extra=mask_token(config))
+
+
+def mask_token(config) -> str:
+  """tokenizer.MASK when data.train_tasks trains with masking rows (HACA's haca_mask, whose
+  masked words must each be one token), else "" (the user's tokenizer as it is)."""
+  from mashvlm_jax.data.tasks import haca
+  return tokenizer_lib.MASK if haca.HACA_MASK in tuple(config.data.get("train_tasks", ())) else ""
 
 
 def check_word_tokenizer(tok: tokenizer_lib.Tokenizer, fingerprint: str) -> None:

@@ -19,6 +19,7 @@ import tempfile
 from typing import Iterable
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+MASK = "[MASK]"  # one token in every kind (HACA masking rows, data/tasks/haca.py)
 KINDS = ("word", "hf", "sentencepiece")
 
 
@@ -32,6 +33,9 @@ class Tokenizer:
   kind: str = "hf"
   bos: str = BOS
   eos: str = EOS
+  # A token that must be one token (e.g. MASK); added after the file's vocabulary when the
+  # file lacks it (hf: a special token; sentencepiece: the id after the last piece).
+  extra: str = ""
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -51,18 +55,48 @@ class Tokenizer:
         self._impl = sentencepiece.SentencePieceProcessor(model_file=self.path)
       else:
         import tokenizers
-        self._impl = tokenizers.Tokenizer.from_file(self.path)
+        impl = tokenizers.Tokenizer.from_file(self.path)
+        if self.extra:
+          impl.add_special_tokens([tokenizers.AddedToken(self.extra, special=True,
+                                                         normalized=False)])
+        self._impl = impl
     return self._impl
+
+  @property
+  def extra_id(self) -> int | None:
+    """The id of ``extra`` (None without one): the file's own, else the one appended."""
+    if not self.extra:
+      return None
+    if self.kind == "sentencepiece":
+      found = self.impl.piece_to_id(self.extra)
+      known = found != self.impl.unk_id() or self.extra == self.impl.id_to_piece(found)
+      return found if known else self.impl.get_piece_size()
+    return self.impl.token_to_id(self.extra)
 
   def encode(self, text: str) -> list[int]:
     if self.kind == "sentencepiece":
-      return list(self.impl.encode(text))
+      if not self.extra:
+        return list(self.impl.encode(text))
+      pieces = text.split(self.extra)  # the extra token is one id wherever it occurs
+      out = list(self.impl.encode(pieces[0])) if pieces[0] else []
+      for piece in pieces[1:]:
+        out += [self.extra_id] + (list(self.impl.encode(piece)) if piece else [])
+      return out
     return list(self.impl.encode(text, add_special_tokens=False).ids)
 
   def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in ids]
     if self.kind == "sentencepiece":
-      return self.impl.decode(ids)
+      if self.extra_id is None or self.extra_id not in ids:
+        return self.impl.decode(ids)
+      runs, current = [], []
+      for i in ids:
+        if i == self.extra_id:
+          runs += [self.impl.decode(current), self.extra]
+          current = []
+        else:
+          current.append(i)
+      return "".join(runs + [self.impl.decode(current)])
     return self.impl.decode(ids, skip_special_tokens=False)
 
   def _special(self, token: str, sp_attr: str) -> int:
@@ -102,13 +136,14 @@ class Tokenizer:
   @property
   def vocab_size(self) -> int:
     if self.kind == "sentencepiece":
-      return self.impl.get_piece_size()
+      return len(self.tokens())
     return self.impl.get_vocab_size(with_added_tokens=True)
 
   def tokens(self) -> list:
     """Every token in id order (None for an id no token has)."""
     if self.kind == "sentencepiece":
-      return [self.impl.id_to_piece(i) for i in range(self.impl.get_piece_size())]
+      pieces = [self.impl.id_to_piece(i) for i in range(self.impl.get_piece_size())]
+      return pieces + [self.extra] if self.extra_id == len(pieces) else pieces
     vocab = self.impl.get_vocab(with_added_tokens=True)
     out = [None] * (max(vocab.values()) + 1 if vocab else 0)
     for token, index in vocab.items():
@@ -133,14 +168,16 @@ def split_words(text: str) -> list[str]:
 
 def word_vocabulary(texts: Iterable[str]) -> list[str]:
   """The word-level tokenizer's tokens in id order: <pad> <unk> <s> </s>, then the words
-  of ``texts`` sorted."""
-  return [PAD, UNK, BOS, EOS] + sorted({w for text in texts for w in split_words(text)})
+  of ``texts`` and [MASK] sorted."""
+  return [PAD, UNK, BOS, EOS] + sorted({w for text in texts for w in split_words(text)}
+                                       | {MASK})
 
 
 def build_word_tokenizer(texts: Iterable[str]):
   """A ``tokenizers.Tokenizer`` (WordLevel) over the words of ``texts``.
 
-  Ids: <pad>=0, <unk>=1, <s>=2, </s>=3, then the words in sorted order (word_vocabulary).
+  Ids: <pad>=0, <unk>=1, <s>=2, </s>=3, then the words and [MASK] in sorted order
+  (word_vocabulary); [MASK] is a special token, so it is one token wherever it occurs.
   """
   import tokenizers
   from tokenizers import models, normalizers, pre_tokenizers
@@ -148,7 +185,7 @@ def build_word_tokenizer(texts: Iterable[str]):
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))
   tok.normalizer = normalizers.Lowercase()
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.add_special_tokens([PAD, UNK, BOS, EOS])
+  tok.add_special_tokens([PAD, UNK, BOS, EOS, MASK])
   return tok
 
 
