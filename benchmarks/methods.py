@@ -49,6 +49,8 @@ class Arm:
   reference: str | None = None  # the arm the table compares this one with
   eval_options: dict = dataclasses.field(default_factory=dict)
   train: bool = True  # False: evaluates the parent's run as it is (inference-time methods)
+  benchmarks: tuple = ()  # more `mashvlm eval` benchmarks: entailment, retrieval, mqa
+  tpl_from: str | None = None  # train on the rows data.row_filter keeps of this run's TPL
   group: str = "MASH-VLM ablations (paper Tables 5-7)"
   about: str = ""
 
@@ -123,13 +125,89 @@ def _control_arms() -> list[Arm]:
           for name, (overrides, what) in CONTROL_VARIANTS.items()]
 
 
+FINE_TUNE = {"ablation": "mash", "total_steps": 500}
 FINE_TUNING = [
     # The control of every fine-tuning method: the same number of steps of the ordinary
     # training mix from the stage-1 run. A method's arms add tasks or losses to this.
-    Arm("mash+mix", {"ablation": "mash", "total_steps": 500}, parent="mash",
+    Arm("mash+mix", dict(FINE_TUNE), parent="mash",
         reference="mash", group="Fine-tuning from the stage-1 `mash` run",
         about="500 more steps of the ordinary mix from `mash` (the fine-tuning control)"),
 ]
+
+# HACA (data/tasks/haca.py): caption entailment / correction / masking rows beside the
+# ordinary mix (one row per visit, so about 2/10-3/11 of the samples), evaluated on
+# caption pairs and text-to-video retrieval as well.
+HACA_RECIPES = {  # arm -> (data.train_tasks, what)
+    "mash+entailment": (("entailment",), "entailment baseline (Yes / No answers)"),
+    "mash+haca": (("haca",), "HACA: Yes, or No + the corrected caption"),
+    "mash+haca_mask": (("haca_mask",), "HACA + masking correction (1:1:1)"),
+}
+
+
+def _haca_arms() -> list[Arm]:
+  return [Arm(name, dict(FINE_TUNE, **{"data.train_tasks": tasks, "text_len": 48}),
+              parent="mash", reference="mash+mix", benchmarks=("entailment", "retrieval"),
+              group="HACA: hallucination-correction fine-tuning",
+              about=f"{what}, 500 steps from `mash`")
+          for name, (tasks, what) in HACA_RECIPES.items()]
+
+
+# UTR (data/tasks/utr.py): trajectory rows hold boxes, so crop and flip stay off and the
+# rows need 64 tokens; the control is the ordinary mix under the same settings. TPL arms
+# train from scratch on a third of the rows, ranked by the stage-1 `mash` run's TPL.
+UTR_SETTINGS = {"data.augment.random_resized_crop": False, "text_len": 64}
+UTR_ARMS = {  # arm -> (data.train_tasks, what)
+    "mash+utr": (("utr",), "UTR trajectory queries (about 29% of samples)"),
+    "mash+utr_notask": (("utr_notask",), "the same trajectories without a query "
+                                         "(Table 3's - task modeling)"),
+    "mash+more": (("more",), "as many extra ordinary rows (+ more data)"),
+}
+
+
+def _utr_arms() -> list[Arm]:
+  group = "UTR: trajectory queries and TPL filtering"
+  arms = [Arm("mash+mix@nocrop", dict(FINE_TUNE, **UTR_SETTINGS), parent="mash",
+              reference="mash+mix", group=group,
+              about="the fine-tuning control without crop (as the UTR arms)")]
+  arms += [Arm(name, dict(FINE_TUNE, **UTR_SETTINGS, **{"data.train_tasks": tasks}),
+               parent="mash", reference="mash+mix@nocrop", group=group,
+               about=f"{what}, 500 steps from `mash`")
+           for name, (tasks, what) in UTR_ARMS.items()]
+  for rule in ("top", "bottom"):
+    arms.append(Arm(f"mash@tpl-{rule}", {"ablation": "mash", "data.row_filter.rule": rule},
+                    tpl_from="mash", reference="mash@tpl-bottom" if rule == "top" else "mash",
+                    group=group, about=f"`mash` from scratch on the {rule} third of the "
+                                       f"training rows by the stage-1 `mash` run's TPL"))
+  return arms
+
+
+# LLaVAction (data/tasks/mqa_train.py, model/action_token.py): multiple-choice rows with
+# random or recognizer-A distractors, temporal detection, the action token, prior actions;
+# evaluated on recognizer-B and random options as well.
+MQA_SETTINGS = {"text_len": 96}
+TOKEN = {"model.action_token.enabled": True}
+MQA_ARMS = {  # arm -> (overrides, reference, what)
+    "mash+mqa_random": ({"data.train_tasks": ("mqa_random",)}, "mash+mix",
+                        "multiple choice, random distractors"),
+    "mash+mqa": ({"data.train_tasks": ("mqa",)}, "mash+mqa_random",
+                 "multiple choice, recognizer-A distractors"),
+    "mash+mqa+temporal": ({"data.train_tasks": ("mqa", "temporal")}, "mash+mqa",
+                          "+ temporal detection"),
+    "mash+mqa+temporal+token": ({"data.train_tasks": ("mqa", "temporal"), **TOKEN},
+                                "mash+mqa+temporal", "+ the action token and its heads"),
+    "mash+mqa_prior+temporal+token": ({"data.train_tasks": ("mqa_prior", "temporal"),
+                                       **TOKEN}, "mash+mqa+temporal+token",
+                                      "+ prior actions in 30% of the prompts"),
+}
+
+
+def _mqa_arms() -> list[Arm]:
+  return [Arm(name, dict(FINE_TUNE, **MQA_SETTINGS, **overrides), parent="mash",
+              reference=reference, benchmarks=("mqa",),
+              group="LLaVAction: multiple-choice fine-tuning",
+              about=f"{what}, 500 steps from `mash`")
+          for name, (overrides, reference, what) in MQA_ARMS.items()]
+
 
 # RVE (analysis/rve.py): no training; the stage-1 run of each seed evaluated with its
 # attention enhanced. The heads file is scored once per stage-1 run (32 verb-swapped
@@ -156,7 +234,8 @@ def _rve_arms() -> list[Arm]:
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (_ablation_arms() + _regime_arms() + _control_arms()
-                                            + FINE_TUNING + _rve_arms())}
+                                            + FINE_TUNING + _rve_arms() + _haca_arms()
+                                            + _utr_arms() + _mqa_arms())}
 
 
 # ------------------------------------------------------------------------------ one run
@@ -199,7 +278,8 @@ def check_finished(arm: Arm, result: dict, path, args) -> dict:
   """``result`` when it was trained with ``arm``'s overrides (and --steps); otherwise a
   clear error: a finished run of other settings is never scored as this arm's."""
   stored = (result.get("overrides"), result.get("steps"))
-  wanted = (arm.overrides, args.steps or result.get("steps"))
+  # As the result file holds them: tuples (data.train_tasks) come back as lists.
+  wanted = (json.loads(json.dumps(arm.overrides)), args.steps or result.get("steps"))
   if stored != wanted:
     raise SystemExit(f"{path} holds a run with overrides {stored[0]} and {stored[1]} steps; "
                      f"arm {arm.name} now means {wanted[0]} (steps {wanted[1]}): move the "
@@ -224,6 +304,9 @@ def run_one(arm: Arm, seed: int, args) -> dict:
   if arm.parent:
     run_one(ARMS[arm.parent], seed, args)
     config.init_from = str(run_dir(args.root, arm.parent, seed))
+  if arm.tpl_from:
+    run_one(ARMS[arm.tpl_from], seed, args)
+    config.data.row_filter.path = str(tpl_rows(ARMS[arm.tpl_from], seed, args))
   start_step = max(params_io.finished_steps(workdir / "checkpoints"), default=0)
   t0 = time.perf_counter()
   summary = trainer.train(config, str(workdir))
@@ -231,7 +314,8 @@ def run_one(arm: Arm, seed: int, args) -> dict:
     raise SystemExit(f"{arm.name} seed {seed}: stopped at step {summary['step']} by SIGTERM;"
                      f" rerun the same command to resume")
   t1 = time.perf_counter()
-  scores = evaluate_run(config, summary["state"].params, workdir / "eval", args)
+  scores = evaluate_run(config, summary["state"].params, workdir / "eval", args,
+                        arm.benchmarks)
   result = {"arm": arm.name, "seed": seed, "steps": summary["step"],
             "parent": arm.parent, "overrides": arm.overrides,
             "train_metrics": summary["metrics"], "train_s": t1 - t0,
@@ -240,17 +324,64 @@ def run_one(arm: Arm, seed: int, args) -> dict:
   return write_result(done, result)
 
 
-def evaluate_run(config, params, out_dir, args) -> dict:
-  """The study's scores of one model: UNSCENE binary and the action probe."""
+def evaluate_run(config, params, out_dir, args, benchmarks=()) -> dict:
+  """The study's scores of one model: UNSCENE binary and the action probe, and under
+  "extra" the summary of each of ``benchmarks`` (entailment, retrieval, mqa)."""
   from mashvlm_jax.eval import synthetic
   ev = synthetic.evaluate(config, params, str(out_dir), max_items=args.eval_items,
                           probe_splits=("test_typical", "test_unusual"),
                           probe_tasks=("action",), show_progress=False)
   binary, labels = ev["binary"], ev["labels"]
-  return {"binary": {k: binary[k] for k in ("columns", "average", "controls", "counts",
-                                            "question_accuracy")},
-          "labels": {k: labels[k] for k in ("accuracy", "counts",
-                                            "hallucinated_action_rate")}}
+  scores = {"binary": {k: binary[k] for k in ("columns", "average", "controls", "counts",
+                                              "question_accuracy")},
+            "labels": {k: labels[k] for k in ("accuracy", "counts",
+                                              "hallucinated_action_rate")}}
+  if benchmarks:
+    scores["extra"] = {b: extra_benchmark(b, config, params, pathlib.Path(out_dir) / b,
+                                          args.eval_items) for b in benchmarks}
+  return scores
+
+
+def extra_benchmark(name: str, config, params, out_dir, max_items: int) -> dict:
+  """One more benchmark's numbers (percent) for the table: pair accuracy (entailment),
+  mAP per pool (retrieval), accuracy and typical-action picks per option source (mqa)."""
+  common = dict(max_items=max_items, show_progress=False)
+  if name == "entailment":
+    from mashvlm_jax.eval import entailment
+    r = entailment.evaluate_pairs(config, params, str(out_dir), **common)
+    return {k: r[k] for k in ("pair_accuracy", "by_type", "by_split")}
+  if name == "retrieval":
+    from mashvlm_jax.eval import entailment
+    return {"map": entailment.evaluate_retrieval(config, params, str(out_dir), **common)["map"]}
+  if name == "mqa":
+    from mashvlm_jax.eval import mqa
+    r = mqa.compare(config, params, str(out_dir), sources=("recognizer", "random"), **common)
+    return {source: {k: v[k] for k in ("accuracy", "hallucinated_action_rate")}
+            for source, v in r["sources"].items()}
+  raise ValueError(f"unknown study benchmark {name!r}; known: entailment, retrieval, mqa")
+
+
+def tpl_rows(arm: Arm, seed: int, args) -> pathlib.Path:
+  """``<arm's run>/tpl/tpl.jsonl``: TPL of every training row under that run's model
+  (analysis/tpl.py), scored once per run and shared by the arms that filter by it."""
+  import jax
+  from mashvlm_jax.analysis import tpl
+  from mashvlm_jax.data import registry
+  from mashvlm_jax.eval import common
+  from mashvlm_jax.eval.scoring import Scorer
+  from mashvlm_jax.model.config import ModelConfig
+  from mashvlm_jax.train import sharding
+  workdir = run_dir(args.root, arm.name, seed)
+  config = run_config(arm, seed, args)
+  out = workdir / "tpl"
+  if not (out / "summary.json").exists():
+    params = common.load_params(config, str(workdir))
+    scorer = Scorer(ModelConfig.from_dict(config.model), params,
+                    registry.load_tokenizer(config).pad_id)
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
+    tpl.run(config, str(config.data.train_split), out, tpl.make_score_fn(scorer, mesh),
+            len(jax.local_devices()), seed=seed, show_progress=False)
+  return out / tpl.TPL_FILE
 
 
 def write_result(done: pathlib.Path, result: dict) -> dict:
@@ -367,11 +498,31 @@ METRICS = (  # column, getter (None where a run has no such number)
     ("Action probe, typical", lambda r: r["labels"]["accuracy"].get("test_typical/action")),
     ("Action probe, unusual", lambda r: r["labels"]["accuracy"].get("test_unusual/action")),
     ("Hallucinated action, unusual", lambda r: r["labels"]["hallucinated_action_rate"]),
+    ("Entailment pairs", lambda r: _extra(r, "entailment", "pair_accuracy")),
+    ("Retrieval mAP, unusual", lambda r: _extra(r, "retrieval", "map", "unusual")),
+    ("Retrieval mAP, typical", lambda r: _extra(r, "retrieval", "map", "typical")),
+    ("MQA recognizer-B options, unusual",
+     lambda r: _extra(r, "mqa", "recognizer", "accuracy", "test_unusual", "likelihood")),
+    ("MQA random options, unusual",
+     lambda r: _extra(r, "mqa", "random", "accuracy", "test_unusual", "likelihood")),
+    ("MQA picks the typical action, unusual",
+     lambda r: _extra(r, "mqa", "recognizer", "hallucinated_action_rate", "likelihood")),
     ("Final train loss", lambda r: r["train_metrics"].get("loss")),
 )
+
+
+def _extra(result: dict, *keys):
+  """result["extra"][keys...], or None where the run has no such number."""
+  node = result.get("extra")
+  for key in keys:
+    if not isinstance(node, dict) or key not in node:
+      return None
+    node = node[key]
+  return node
 # Compared with the reference arm: difference, Welch's t and p.
 COMPARED = ("UNSCENE binary Avg.", "Unusual Action", "Action probe, unusual",
-            "Hallucinated action, unusual")
+            "Hallucinated action, unusual", "Entailment pairs",
+            "MQA recognizer-B options, unusual")
 
 
 def _values(runs, getter) -> list[float]:
@@ -412,14 +563,16 @@ def render_tables(arms: list[Arm], results: dict) -> str:
                                      + [_mean_sd(_values(runs, getters[c])) for c in columns])
                    + " |")
     compared = [a for a in rows if a.reference]
+    shown = [c for c in COMPARED if any(getters[c](r) is not None for a in rows
+                                        for r in results.get(a.name, []))]
     if compared:
-      header = ["Arm", "vs reference"] + [f"{c}: diff (t, p)" for c in COMPARED]
+      header = ["Arm", "vs reference"] + [f"{c}: diff (t, p)" for c in shown]
       lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
       for arm in compared:
         runs, ref = results.get(arm.name, []), results.get(arm.reference, [])
         lines.append("| " + " | ".join(
             [f"`{arm.name}`", f"`{arm.reference}`"]
-            + [_comparison(runs, ref, getters[c]) for c in COMPARED]) + " |")
+            + [_comparison(runs, ref, getters[c]) for c in shown]) + " |")
     out.append(f"### {group}\n\n" + "\n".join(lines))
   return "\n\n".join(out)
 

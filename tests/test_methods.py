@@ -55,7 +55,7 @@ def study(tmp_path, *extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("PYTEST_CURRENT_TEST", None)
   return subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--arms=mash,mash+mix,mash+rve-b2",
+      [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--arms=mash,mash+mix,mash+rve-b2,mash+haca,mash@tpl-top",
        "--seeds=0", "--steps=3", "--eval_items=2", "--builder_config=tiny",
        f"--root={tmp_path / 'runs'}", f"--data_dir={tmp_path / 'data'}",
        f"--doc={tmp_path / 'methods.md'}", *extra],
@@ -84,12 +84,26 @@ def test_arms_that_fine_tune_and_that_only_evaluate(tmp_path):
   assert (runs / "mash" / "seed0" / "rve_heads.png").exists()
   assert not (runs / "mash+rve-b2" / "seed0" / "checkpoints").exists()
   assert enhanced["train_metrics"] == results["mash"]["train_metrics"]
+  # a task-family arm fine-tunes on its rows and reports its extra benchmarks
+  haca = json.loads((runs / "mash+haca" / "seed0" / "result.json").read_text())
+  assert haca["overrides"]["data.train_tasks"] == ["haca"]
+  pairs = json.loads((runs / "mash+haca" / "seed0" / "eval" / "entailment" /
+                      "result.json").read_text())
+  assert haca["extra"]["entailment"]["pair_accuracy"] == pairs["pair_accuracy"]
+  assert set(haca["extra"]["retrieval"]["map"]) == {"unusual", "typical"}
+  # the TPL arm trains from scratch on the third of the rows the stage-1 run ranks top
+  filtered = json.loads((runs / "mash@tpl-top" / "seed0" / "config.json").read_text())
+  scored = runs / "mash" / "seed0" / "tpl" / "tpl.jsonl"
+  assert filtered["data"]["row_filter"]["path"] == str(scored) and not filtered["init_from"]
+  assert filtered["data"]["row_filter"]["rule"] == "top"
+  assert sum(1 for _ in scored.open()) > 0
   doc = (tmp_path / "methods.md").read_text()
   assert "Status: complete" in doc
   assert "| `mash` | 1 |" in doc and "| `mash+mix` | 1 |" in doc
   assert "| `mash+mix` | `mash` |" in doc  # the comparison row names its reference
   avg = methods._mean_sd([results["mash"]["binary"]["average"]])
   assert avg in doc
+  assert "Entailment pairs" in doc and "| `mash+haca` | `mash+mix` |" in doc
 
   # a rerun skips finished runs: nothing is trained or rewritten
   stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("result.json")}
@@ -101,8 +115,8 @@ def test_arms_that_fine_tune_and_that_only_evaluate(tmp_path):
   # a missing seed shows as PARTIAL, naming the missing runs
   out = study(tmp_path, "--seeds=0,1", "--render_only")
   assert out.returncode == 0, out.stderr[-4000:]
-  assert ("PARTIAL: 3 of 6 runs finished; missing: mash/seed1, mash+mix/seed1, "
-          "mash+rve-b2/seed1") in (
+  assert ("PARTIAL: 5 of 10 runs finished; missing: mash/seed1, mash+mix/seed1, "
+          "mash+rve-b2/seed1, mash+haca/seed1, mash@tpl-top/seed1") in (
       tmp_path / "methods.md").read_text()
   assert not pathlib.Path(runs / "mash" / "seed1").exists()
 
@@ -117,3 +131,8 @@ def test_a_finished_run_of_other_settings_is_refused(tmp_path):
     methods.check_finished(arm, older, tmp_path / "result.json", args)
   with pytest.raises(SystemExit, match=r"steps 50\)"):
     methods.check_finished(arm, same, tmp_path / "result.json", argparse.Namespace(steps=50))
+  # tuples in the overrides are lists in the result file: the same settings
+  haca = methods.ARMS["mash+haca"]
+  stored = json.loads(json.dumps({"overrides": haca.overrides, "steps": 500}))
+  assert stored["overrides"]["data.train_tasks"] == ["haca"]
+  assert methods.check_finished(haca, stored, tmp_path / "result.json", args) is stored
