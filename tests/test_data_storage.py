@@ -298,7 +298,7 @@ def test_caption_files_and_pretrain_stage(tmp_path, root):
       "1002,http://x/1002.mp4,PT00H00M07S,000001_000050,\n")
   items, failures = annotations.read_items(tmp_path / "webvid.csv", "/videos")
   assert [(i.video, i.qa[0]["a"], i.task) for i in items] == [
-      ("/videos/000001_000050/1001.mp4", "A dog runs on a beach.", "caption")]
+      ("/videos/000001_000050/1001.mp4", "A dog runs on a beach.", caption.TASK)]
   assert len(failures) == 1 and "row 1" in failures[0].where and "caption" in failures[0].reason
   (tmp_path / "pairs.jsonl").write_text(
       json.dumps({"video": "a.mp4", "caption": "Snow falls.", "start": 1, "end": 3}) + "\n"
@@ -312,7 +312,7 @@ def test_caption_files_and_pretrain_stage(tmp_path, root):
   seen = {families.render_visit(items[0].qa[0], np.random.default_rng(s))["q"]
           for s in range(40)}
   assert seen == set(caption.PROMPTS)  # a fresh prompt per visit, the answer kept
-  # a caption CSV built as jpeg: records of task "caption", frames sampled at read time
+  # a caption CSV built as jpeg: records of caption.TASK, frames sampled at read time
   (tmp_path / "clips.csv").write_text("video,caption\nc1.mp4,Bands flash.\n"
                                       "c2.mp4,More bands flash.\n")
   config = local_config(root, "jpeg", annotations={"train": str(tmp_path / "clips.csv")},
@@ -320,7 +320,7 @@ def test_caption_files_and_pretrain_stage(tmp_path, root):
   registry.ensure_built(config)
   records = pipeline.make_eval_records(config, "train")
   assert [(r["task"], r["qa"][0]["a"], decoded_ids(r["frames"])[0]) for r in records] == [
-      ("caption", "Bands flash.", 1), ("caption", "More bands flash.", 2)]
+      (caption.TASK, "Bands flash.", 1), (caption.TASK, "More bands flash.", 2)]
 
   config = load_config("mashvlm_7b", "stage=pretrain")
   assert config.data.storage == "jpeg" and config.data.text_len == 128

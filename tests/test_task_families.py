@@ -53,3 +53,13 @@ def test_visit_renderer_draws_afresh_and_leaves_other_rows(echo_family):
   transform.qa_mode = "all"
   turns = transform.turns([row, plain], np.random.default_rng(1))
   assert turns[0]["a"].startswith("drawn ") and turns[1] == plain
+
+
+def test_ordinary_rows_are_never_re_rendered():
+  """A visit renderer registered under a task name the ordinary rows use (train_mix's
+  "caption", say) would silently rewrite stage-1 training: every stored row of the plain
+  synthetic set must pass through unchanged."""
+  for split in synthetic.SPLITS:
+    for spec in synthetic.clip_specs(split, 24):
+      for row in builders.synthetic_questions(spec):
+        assert families.render_visit(row, np.random.default_rng(0)) == row, (split, row)

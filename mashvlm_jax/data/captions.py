@@ -56,7 +56,7 @@ def _seconds(row: dict, name: str):
 
 
 def parse_row(row, *, key: str, task: str, video_root: str) -> annotations.Item:
-  """One caption row -> Item (task "caption"); RecordError naming the field."""
+  """One caption row -> Item (task caption.TASK); RecordError naming the field."""
   if isinstance(row, json.JSONDecodeError):
     raise annotations.RecordError(f"not valid JSON: {row}")
   if not isinstance(row, dict):

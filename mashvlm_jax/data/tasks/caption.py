@@ -9,7 +9,7 @@ import numpy as np
 
 from mashvlm_jax.data.tasks import families, qa, vocabulary
 
-TASK = "caption"
+TASK = "caption_pretrain"  # not train_mix's "caption" rows, which keep their prompt
 PROMPTS = ("Describe this video briefly.",
            "Write a short caption for this video.",
            "What is happening in this video? Answer in one sentence.",
