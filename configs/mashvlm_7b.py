@@ -36,6 +36,14 @@ def get_config(arg=None):
       remat_policy=arg.remat,
       attention_backend="auto",  # splash on TPU, gpu on GPUs, dense on CPU
       scan_layers=True,  # one compiled layer body per tower
+      # LoRA adapters on the decoder (docs/design.md "LoRA"): rank 0 = off. With rank > 0
+      # the decoder's base weights are frozen and only the adapters (and what optim.freeze
+      # leaves, e.g. the projector) train. targets: regex matched in full against
+      # q_proj k_proj v_proj o_proj gate_proj up_proj down_proj. The HACA paper: 16/32
+      # (VideoChat2), 128/256 (Video-LLaVA); dropout as LLaVA's LoRA scripts.
+      lora=dict(rank=0, alpha=32.0,
+                targets="q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj",
+                dropout=0.05),
   ))
   config_lib.apply_ablation(config.model, arg.ablation)
 

@@ -51,7 +51,7 @@ class MashVLM(nn.Module):
         scan_layers=cfg.scan_layers,
         attention_blocks=(cfg.splash_block_q, cfg.splash_block_kv),
         capture_attention=self.capture_attention, rve=self.rve,
-        capture_heads=self.capture_heads, **common)
+        capture_heads=self.capture_heads, lora=cfg.lora, **common)
 
   def video_tokens(self, frames):
     """frames uint8 (0..255) or CLIP-normalised float [B, T, H, W, 3] ->

@@ -97,32 +97,44 @@ def check_batch_layout(global_batch: int, accum: int, mesh, process_count: int) 
 
 
 def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
-  """(state, batch) -> (state, metrics). Non-finite updates are never applied."""
+  """(state, batch) -> (state, metrics). Non-finite updates are never applied.
 
-  def micro_loss(params, mb):
-    logits = model.apply({"params": params}, mb["frames"], mb["text_ids"], mb["text_mask"])
+  Frozen parameters (``trainable`` False) enter the loss behind stop_gradient, so their
+  weight gradients are never computed (LoRA: only the adapters' are). With LoRA dropout
+  the model gets a "dropout" RNG drawn from the state's RNG per step and microbatch."""
+  dropout = model.cfg.lora.enabled and model.cfg.lora.dropout > 0
+
+  def micro_loss(params, mb, key):
+    params = jax.tree_util.tree_map(
+        lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+    rngs = {"dropout": key} if dropout else {}
+    logits = model.apply({"params": params}, mb["frames"], mb["text_ids"], mb["text_mask"],
+                         rngs=rngs)
     nll, count, correct = masked_xent(logits, mb["labels"], mb["label_mask"])
     return nll, (count, correct)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def train_step(state: TrainState, batch):
+    key = jax.random.split(state.rng)[1]  # apart from the next state's fold_in(rng, step)
     if accum == 1:
-      (nll, (count, correct)), grads = grad_fn(state.params, batch)
+      (nll, (count, correct)), grads = grad_fn(state.params, batch, key)
     else:
       # Microbatch i takes rows i, i+accum, ...: every device keeps its own rows.
       micro = jax.tree_util.tree_map(
           lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1),
           batch)
 
-      def body(carry, mb):
-        (nll, (count, correct)), grads = grad_fn(state.params, mb)
+      def body(carry, inputs):
+        mb, index = inputs
+        (nll, (count, correct)), grads = grad_fn(state.params, mb,
+                                                 jax.random.fold_in(key, index))
         acc = jax.tree_util.tree_map(jnp.add, carry, (nll, count, correct, grads))
         return acc, None
 
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
       (nll, count, correct, grads), _ = jax.lax.scan(
-          body, (0.0, 0.0, 0.0, zeros), micro)
+          body, (0.0, 0.0, 0.0, zeros), (micro, jnp.arange(accum)))
     denom = jnp.maximum(count, 1.0)
     # in the parameters' dtype: a float32 division would turn bf16 optimizer state into
     # float32 after one step (a recompile, and checkpoints unlike the abstract state)
@@ -175,7 +187,8 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
   abstract_params = nn.unbox(boxed)
   optim_cfg = dict(config.optim)
   optim_cfg["freeze"] = list(optim_cfg.get("freeze", ())) + (
-      ["^vision_tower/"] if model_cfg.freeze_vision else [])
+      ["^vision_tower/"] if model_cfg.freeze_vision else []) + optim.lora_freeze(
+          model_cfg.lora.enabled)
   tx, schedule = optim.make_optimizer(abstract_params, optim_cfg, int(config.total_steps))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   repl = sharding.replicated(mesh)
@@ -215,14 +228,15 @@ def load_initial_params(config, setup: Setup, state: TrainState, directory: str)
   """Replaces the parameters found in ``directory`` (``init_from``): an ``import-hf``
   output, a trainer workdir (its latest step) or one of its step directories. Parameters
   only: the optimizer state stays fresh and the step counter at 0; what the checkpoint
-  does not carry (e.g. a projector) keeps its fresh initialisation. The model config
+  does not carry (e.g. a projector, LoRA adapters) keeps its fresh initialisation. The model config
   stored with the checkpoint must agree with ``config.model`` (ValueError naming each
   differing field)."""
   from flax import traverse_util
   from mashvlm_jax.convert import params_io
   from mashvlm_jax.data import registry
   stored = params_io.resolve_checkpoint(directory)[2]
-  params_io.check_model_config(config, stored / params_io.CONFIG_FILE)
+  # a LoRA run may start from a checkpoint without adapters (or with other ones)
+  params_io.check_model_config(config, stored / params_io.CONFIG_FILE, ignore=("lora",))
   registry.check_vocabulary_file(config, stored / registry.VOCABULARY_FILE)
   loaded = traverse_util.flatten_dict(params_io.load_params(directory)[0], sep="/")
   fresh = traverse_util.flatten_dict(state.params, sep="/")
