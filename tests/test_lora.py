@@ -51,8 +51,9 @@ def with_random_b(params, scale=0.3, seed=0):
 
 def decoder_params(lora: LoraConfig, scan: bool = True):
   decoder = LlamaDecoder(LLM, lora=lora, scan_layers=scan)
-  params = decoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
-                        method=LlamaDecoder.causal_lm)["params"]
+  params = jax.jit(lambda key: decoder.init(key, jnp.zeros((1, 4), jnp.int32),
+                                            method=LlamaDecoder.causal_lm)["params"])(
+                                                jax.random.PRNGKey(0))
   return decoder, params
 
 
@@ -186,24 +187,25 @@ def test_dropout_runs_only_with_a_dropout_rng():
   np.testing.assert_array_equal(run(0), run(0))
 
 
-@pytest.mark.parametrize("split_layers", [True, False])
-def test_kv_cache_generation_with_adapters_equals_full_recompute(split_layers):
+def test_kv_cache_generation_with_adapters_equals_full_recompute():
+  """Greedy decoding with the KV cache (prefill through the scanned stack, steps through
+  per-layer weights: llm.decode_unstacked) equals recomputing the grown rows."""
   from test_generate import MAX_NEW, recompute_greedy, tiny
   from mashvlm_jax.eval import generate
   cfg, _, frames, prompts = tiny("mash", "harmonic")
   cfg = dataclasses.replace(cfg, lora=LoraConfig(rank=4, alpha=8.0))
   params = with_random_b(nn.unbox(mashvlm.init_params(cfg, jax.random.PRNGKey(1))), 0.5)
   want_tokens, want_logits = recompute_greedy(cfg, params, frames, prompts, MAX_NEW)
-  gen = generate.Generator(cfg, params, split_layers=split_layers)
+  gen = generate.Generator(cfg, params)
   out = gen.generate(frames, prompts, generate.SamplingParams(max_new_tokens=MAX_NEW),
                      return_logits=True)
   assert out.tokens == want_tokens
   np.testing.assert_allclose(out.step_logits, want_logits, atol=1e-5, rtol=1e-5)
-  base_tokens, _ = recompute_greedy(dataclasses.replace(cfg, lora=LoraConfig()),
+  _, base_logits = recompute_greedy(dataclasses.replace(cfg, lora=LoraConfig()),
                                     dict(params, language_model=param_map.split_lora(
                                         params["language_model"])[0]),
-                                    frames, prompts, MAX_NEW)
-  assert base_tokens != want_tokens  # the adapters change what is generated
+                                    frames, prompts, 1)
+  assert np.abs(base_logits[:, 0] - want_logits[:, 0]).max() > 1e-2  # adapters matter
 
 
 # ------------------------------------------------------------------------ training
@@ -211,9 +213,10 @@ def test_kv_cache_generation_with_adapters_equals_full_recompute(split_layers):
 
 def test_lora_fine_tuning_from_a_run_without_adapters(tmp_path, monkeypatch):
   """init_from a run without LoRA into a LoRA config (relative paths): the run starts
-  from its weights with fresh adapters; after two steps only the adapters and the
-  projector moved, the optimizer state holds moments for those only; a config without
+  from its weights with fresh adapters; after a step only the adapters and the
+  projector moved (B from zero), the optimizer state holds moments for those only; a config without
   the adapters cannot read the LoRA run (model.lora.rank named)."""
+  from mashvlm_jax import paths
   from mashvlm_jax.train import trainer
   monkeypatch.chdir(tmp_path)
   config = load_config("tiny_synthetic")
@@ -223,10 +226,12 @@ def test_lora_fine_tuning_from_a_run_without_adapters(tmp_path, monkeypatch):
   trainer.train(config, "stage1")
   tuned = config.copy_and_resolve_references()
   tuned.model.lora.update(rank=4, alpha=8.0, dropout=0.1)
-  tuned.update(init_from="stage1", total_steps=2, checkpoint_every=2)
+  tuned.update(init_from="stage1")
+  tuned.optim.warmup_steps = 0  # the one step at the full learning rate
+  paths.resolve_config_paths(tuned)  # as the CLI does with every --config
   out = trainer.train(tuned, "lora")
-  start, _ = params_io.load_params("stage1")
-  after, cfg = params_io.load_params("lora")
+  start, _ = params_io.load_params(tmp_path / "stage1")
+  after, cfg = params_io.load_params(tmp_path / "lora")
   assert cfg.lora.rank == 4
   moved = set()
   for path, value in param_map.leaves(after).items():
@@ -240,16 +245,16 @@ def test_lora_fine_tuning_from_a_run_without_adapters(tmp_path, monkeypatch):
       continue
     np.testing.assert_array_equal(value, param_map.get_path(start, path), err_msg=str(path))
   assert moved == {"language_model"}
-  # Adam moments exist for the adapters and the projector only
-  with_state = set()
+  # Adam moments (mu, nu) exist for the adapters and the projector only
+  trained = [p for p in param_map.leaves(after)
+             if p[0] == "projector" or any(k.endswith("_lora") for k in p)]
+  moments = []
   for key_path, leaf in jax.tree_util.tree_leaves_with_path(out["state"].opt_state):
-    if getattr(leaf, "ndim", 0):
+    if getattr(leaf, "ndim", 0):  # scalars are step counts
       names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in key_path]
-      with_state.add(next(n for n in names if n in ("projector", "language_model",
-                                                     "vision_tower")))
-      assert names[0] and ("projector" in names or any(n.endswith("_lora") for n in names)), (
-          names)
-  assert with_state == {"projector", "language_model"}
+      assert "projector" in names or any(n.endswith("_lora") for n in names), names
+      moments.append(names)
+  assert len(moments) == 2 * len(trained)
   with pytest.raises(ValueError, match="model.lora.rank: config 0 vs checkpoint 4"):
     params_io.check_model_config(config, "lora/model_config.json")
 
