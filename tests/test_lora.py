@@ -259,6 +259,39 @@ def test_lora_fine_tuning_from_a_run_without_adapters(tmp_path, monkeypatch):
     params_io.check_model_config(config, "lora/model_config.json")
 
 
+def test_train_flops_with_lora_match_the_traced_step():
+  """The analytic LoRA training FLOPs (train/flops.py) equal the matmuls of the traced
+  train step: no weight gradients for the decoder's base weights, the adapters x3."""
+  from test_compile import matmul_flops
+  from mashvlm_jax.train import flops, trainer
+  config = load_config("tiny_synthetic")
+  config.model.lora.update(rank=4, targets="q_proj|k_proj|o_proj|up_proj|down_proj")
+  config.data.batch_size = 1
+  setup = trainer.build(config)
+  cfg = setup.model_cfg
+  step = trainer.make_train_step(setup.model, setup.tx, setup.schedule, accum=1,
+                                 trainable=setup.trainable)
+  frames, text = mashvlm.dummy_inputs(cfg, batch=1, text_len=32)
+  ones = jnp.ones(text.shape, bool)
+  batch = dict(frames=frames, text_ids=text, text_mask=ones, labels=text, label_mask=ones)
+  traced = matmul_flops(jax.make_jaxpr(step)(setup.abstract_state, batch).jaxpr)
+  # as in tests/test_compile.py: the projector's first layer needs no input gradient
+  proj_input_grad = 2 * cfg.num_frames * (cfg.vision.grid ** 2 + 1) * (
+      cfg.vision.hidden_size * cfg.llm.hidden_size)
+  analytic = flops.train_flops_per_row(cfg, 32)
+  assert traced == pytest.approx(analytic - proj_input_grad, rel=1e-6)
+  full = flops.train_flops_per_row(dataclasses.replace(cfg, lora=LoraConfig()), 32)
+  assert analytic < full  # the frozen weight gradients are not computed
+
+
+def test_import_hf_refuses_a_lora_config(tmp_path):
+  from mashvlm_jax.convert import hf_import
+  from mashvlm_jax.convert.param_map import ConversionError
+  cfg = ModelConfig.from_dict(dict(lora=dict(rank=8)))
+  with pytest.raises(ConversionError, match="model.lora.rank=8: import-hf writes the base"):
+    hf_import.import_hf(tmp_path / "llm", tmp_path / "clip", cfg)
+
+
 # ------------------------------------------------------------------------ export
 
 EXPORT_MODEL = dict(num_frames=4, vision=dict(image_size=32, patch_size=8, hidden_size=32,
