@@ -125,16 +125,24 @@ def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
           lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1),
           batch)
 
+      # frozen parameters' gradients are zero: their accumulators are scalars, so
+      # no full-size buffer is carried through the loop for them (LoRA: the whole LLM)
       def body(carry, inputs):
         mb, index = inputs
         (nll, (count, correct)), grads = grad_fn(state.params, mb,
                                                  jax.random.fold_in(key, index))
+        grads = jax.tree_util.tree_map(lambda g, t: g if t else jnp.zeros((), g.dtype),
+                                       grads, trainable)
         acc = jax.tree_util.tree_map(jnp.add, carry, (nll, count, correct, grads))
         return acc, None
 
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      zeros = jax.tree_util.tree_map(
+          lambda p, t: jnp.zeros_like(p) if t else jnp.zeros((), p.dtype), state.params,
+          trainable)
       (nll, count, correct, grads), _ = jax.lax.scan(
           body, (0.0, 0.0, 0.0, zeros), (micro, jnp.arange(accum)))
+      grads = jax.tree_util.tree_map(lambda g, p: jnp.broadcast_to(g, p.shape), grads,
+                                     state.params)
     denom = jnp.maximum(count, 1.0)
     # in the parameters' dtype: a float32 division would turn bf16 optimizer state into
     # float32 after one step (a recompile, and checkpoints unlike the abstract state)
