@@ -53,6 +53,14 @@ def get_config(arg=None):
       # classes: 97 verbs, 300 nouns, 3806 actions.
       action_token=dict(enabled=False, num_verbs=97, num_nouns=300, num_actions=3806,
                         loss_weight=0.05, head_weights=(0.5, 0.5, 0.1)),
+      # LoRA adapters on the decoder (docs/design.md "LoRA"): rank 0 = off. With rank > 0
+      # the decoder's base weights are frozen and only the adapters (and what optim.freeze
+      # leaves, e.g. the projector) train. targets: regex matched in full against
+      # q_proj k_proj v_proj o_proj gate_proj up_proj down_proj. The HACA paper: 16/32
+      # (VideoChat2), 128/256 (Video-LLaVA); dropout as LLaVA's LoRA scripts.
+      lora=dict(rank=0, alpha=32.0,
+                targets="q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj",
+                dropout=0.05),
   ))
   config_lib.apply_ablation(config.model, arg.ablation)
 

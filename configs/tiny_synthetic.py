@@ -48,6 +48,14 @@ def get_config(arg=None):
       # synthetic classes: verb = action (8), noun = scene (8), action = the pair (64).
       action_token=dict(enabled=False, num_verbs=8, num_nouns=8, num_actions=64,
                         loss_weight=0.05, head_weights=(0.5, 0.5, 0.1)),
+      # LoRA adapters on the decoder (docs/design.md "LoRA"): rank 0 = off. With rank > 0
+      # the decoder's base weights are frozen and only the adapters (and what optim.freeze
+      # leaves, e.g. the projector) train. targets: regex matched in full against
+      # q_proj k_proj v_proj o_proj gate_proj up_proj down_proj. The HACA paper: 16/32
+      # (VideoChat2), 128/256 (Video-LLaVA); dropout as LLaVA's LoRA scripts.
+      lora=dict(rank=0, alpha=32.0,
+                targets="q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj",
+                dropout=0.05),
   ))
   config_lib.apply_ablation(config.model, arg.ablation)
 

@@ -143,12 +143,37 @@ def load(directory, dtype="float32") -> Reference:
   config = json.loads((directory / "mash_config.json").read_text())
   files = config["files"]
   torch_dtype = getattr(torch, dtype)
-  return Reference(config=config,
-                   llm=read_weights(directory / files["language_model"], torch_dtype),
+  llm = read_weights(directory / files["language_model"], torch_dtype)
+  if "language_model_adapter" in files:
+    llm = fold_adapter(llm, directory / files["language_model_adapter"])
+  return Reference(config=config, llm=llm,
                    vision=read_weights(directory / files["vision_tower"], torch_dtype),
                    projector=read_weights(directory / files["projector"], torch_dtype),
                    action=(read_weights(directory / files["action_token"], torch_dtype)
                            if "action_token" in files else {}))
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def fold_adapter(llm: dict, adapter_dir) -> dict:
+  """LLaMA weights {HF name: tensor} with a PEFT LoRA adapter directory folded in:
+  W + (lora_alpha / r) lora_B lora_A for each adapted ``<module>.weight`` (in float64,
+  cast back to W's dtype)."""
+  from safetensors.torch import load_file
+  adapter_dir = pathlib.Path(adapter_dir)
+  config = json.loads((adapter_dir / "adapter_config.json").read_text())
+  scale = config["lora_alpha"] / config["r"]
+  tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+  out = dict(llm)
+  for name, a in tensors.items():
+    if not name.endswith(".lora_A.weight"):
+      continue
+    module = name[len(PEFT_PREFIX):-len(".lora_A.weight")]
+    b = tensors[name.replace(".lora_A.", ".lora_B.")]
+    w = out[module + ".weight"]
+    out[module + ".weight"] = (w.double() + scale * (b.double() @ a.double())).to(w.dtype)
+  return out
 
 
 def normalize(pixels_uint8, vision_config: dict):

@@ -14,6 +14,7 @@ INSTALL = {
     "torch": 'pip install -e ".[torch]" -c constraints.txt',
     "transformers": 'pip install -e ".[torch]" -c constraints.txt',
     "safetensors": 'pip install -e ".[torch]" -c constraints.txt',
+    "peft": 'pip install -e ".[torch]" -c constraints.txt',
     "libtpu": 'pip install -e ".[tpu]" -c constraints.txt',
     "xmanager": 'pip install -e ".[launch]" -c constraints.txt',
 }

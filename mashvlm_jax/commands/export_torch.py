@@ -1,11 +1,14 @@
 """Export a params checkpoint to PyTorch: HF LLaMA + CLIP directories, projector, mash_config.
 
 ``mashvlm export-torch --checkpoint=DIR --out=DIR [--dtype=bfloat16] [--shard_size=5GB]
-[--tokenizer=HF_LLAMA_DIR]``
+[--tokenizer=HF_LLAMA_DIR] [--lora=merge|adapter]``
 writes language_model/ (transformers.LlamaForCausalLM.from_pretrained), vision_tower/
 (transformers.CLIPVisionModel.from_pretrained), projector.safetensors and mash_config.json
 (token split, RoPE mode, mask switches). mashvlm_jax.torch_reference runs the whole MASH-VLM
-forward from that directory.
+forward from that directory. A LoRA checkpoint (model.lora.rank > 0) is written with the
+adapters merged into language_model/ (``--lora=merge``, default) or as the base weights
+plus a PEFT adapter directory language_model_adapter/ (``--lora=adapter``), which
+``peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter)`` loads.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ _SHARD = flags.DEFINE_string("shard_size", "5GB",
 _TOKENIZER = paths.DEFINE_path("tokenizer", None,
                                "Tokenizer to ship in language_model/: the HF LLaMA/Vicuna "
                                "directory or a tokenizer.model / tokenizer.json file.")
+_LORA = flags.DEFINE_enum("lora", "merge", ["merge", "adapter"],
+                          "LoRA checkpoints: fold the adapters into the LLaMA weights "
+                          "(merge) or write them as a PEFT adapter directory (adapter).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 
 
@@ -43,7 +49,7 @@ def main(argv):
     t1 = time.perf_counter()
     out = torch_export.export_torch(params, cfg, _OUT.value, dtype=_DTYPE.value,
                                     max_shard_bytes=shard_bytes, overwrite=_OVERWRITE.value,
-                                    tokenizer=_TOKENIZER.value)
+                                    tokenizer=_TOKENIZER.value, lora=_LORA.value)
   except (ConversionError, FileExistsError, ValueError) as e:
     raise SystemExit(f"mashvlm export-torch: {e}") from None
   t2 = time.perf_counter()

@@ -269,6 +269,11 @@ def import_hf(llm_dir, vision_dir, cfg, *, projector_file=None, seed: int = 0,
   numpy arrays, or jax arrays with ``as_jax`` (what ``params_io.save_params`` saves
   without an extra copy).
   """
+  if cfg.lora.enabled:  # HF checkpoints hold no mashvlm adapters
+    raise ConversionError(
+        f"model.lora.rank={cfg.lora.rank}: import-hf writes the base model; import with "
+        f"--config.model.lora.rank=0 and train the LoRA config with init_from=<the import>, "
+        f"which adds fresh adapters")
   llm_json, llm_where = read_config(llm_dir)
   vision_json, vision_where = read_config(vision_dir)
   llm = llama_fields(llm_json, llm_where)

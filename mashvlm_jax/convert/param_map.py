@@ -159,6 +159,35 @@ def present_towers(params: Mapping) -> list[str]:
   return [name for name in TOWERS if name in params]
 
 
+# LoRA adapters of the decoder (model/llm.py: a ``<name>_lora`` module beside each targeted
+# projection, ``lora_a`` [*in, rank] and ``lora_b`` [rank, *out]) <-> the tensors of a PEFT
+# adapter of LlamaForCausalLM (``lora_A.weight`` [rank, in], ``lora_B.weight`` [out, rank],
+# named under PEFT's ``base_model.model.`` prefix). Not in TOWERS: export-torch writes it
+# as a separate adapter directory (torch_export.py).
+LORA_SUFFIX = "_lora"
+_LORA_LAYOUTS = {  # projection: (module, lora_A layout, lora_B layout)
+    "q_proj": ("self_attn", LINEAR, HEADS_IN), "k_proj": ("self_attn", LINEAR, HEADS_IN),
+    "v_proj": ("self_attn", LINEAR, HEADS_IN), "o_proj": ("self_attn", HEADS_OUT, LINEAR),
+    "gate_proj": ("mlp", LINEAR, LINEAR), "up_proj": ("mlp", LINEAR, LINEAR),
+    "down_proj": ("mlp", LINEAR, LINEAR)}
+LLAMA_LORA = _entries(
+    [(f"{_LLAMA_LAYER}.{part}.{name}.lora_{ab.upper()}.weight",
+      f"layers/{part}/{name}{LORA_SUFFIX}/lora_{ab}", layout)
+     for name, (part, a_layout, b_layout) in _LORA_LAYOUTS.items()
+     for ab, layout in (("a", a_layout), ("b", b_layout))])
+LORA_TOWER = Tower("language_model_lora", LLAMA_LORA, "base_model.model.")
+
+
+def split_lora(tree: Mapping) -> tuple[dict, dict]:
+  """(base, adapters) of a decoder params tree: the ``*_lora`` modules go to adapters
+  (same nesting), everything else to base. Leaves are not copied."""
+  base, adapters = {}, {}
+  for path, leaf in leaves(tree).items():
+    is_lora = any(key.endswith(LORA_SUFFIX) for key in path)
+    set_path(adapters if is_lora else base, path, leaf)
+  return base, adapters
+
+
 @dataclasses.dataclass(frozen=True)
 class Tensor:
   """One HuggingFace tensor of a tower: its name, where it lives in params, shapes."""
@@ -202,14 +231,15 @@ def set_path(tree: dict, path: tuple[str, ...], value) -> None:
   tree[path[-1]] = value
 
 
-def plan(tower: str, shapes: Mapping) -> list[Tensor]:
+def plan(tower: "str | Tower", shapes: Mapping) -> list[Tensor]:
   """Every HF tensor of ``tower`` given its params shapes (a tree of anything with .shape).
 
   Table entries whose path is absent from the tree are skipped (biases of a bias-free
   model, lm_head under tied embeddings, linear_2 of a linear projector). A leaf no entry
   covers is a ConversionError: the table does not know that architecture.
   """
-  table = TOWERS[tower].entries
+  tower = tower if isinstance(tower, Tower) else TOWERS[tower]
+  table, tower = tower.entries, tower.name
   tree_leaves = leaves(shapes)
   covered = {e.path for e in table}
   unknown = sorted("/".join(p) for p in tree_leaves if p not in covered)

@@ -142,21 +142,29 @@ def load_model_config(directory):
 
 # Keys that change what a checkpoint computes (ablation presets share parameter shapes,
 # so a wrong --config would load silently and evaluate another model).
-MODEL_KEYS = ("rope_mode", "mask", "num_frames", "projector", "vision", "llm")
+# "lora": its adapters are parameters of the checkpoint (its dropout is not compared: it
+# changes training, not what the weights compute).
+MODEL_KEYS = ("rope_mode", "mask", "num_frames", "projector", "vision", "llm", "lora")
+# Fields of MODEL_KEYS entries that are not compared.
+UNCOMPARED = {"lora": ("dropout",)}
 
 
-def check_model_config(config, path) -> None:
+def check_model_config(config, path, *, ignore: tuple[str, ...] = ()) -> None:
   """Raises ValueError naming each field (e.g. ``model.llm.num_layers``) where
   ``config.model`` differs from the model config the trainer stored beside its
-  checkpoints (no-op when there is none)."""
+  checkpoints (no-op when there is none). ``ignore``: MODEL_KEYS not compared (init_from
+  skips "lora": a LoRA run may start from a checkpoint without adapters)."""
   path = _epath(path)
   if not path.exists():
     return
   from mashvlm_jax.model.config import ModelConfig
   stored = json.loads(path.read_text())
   given = ModelConfig.from_dict(config.model).to_dict()
-  diff = [f"{name}: config {a!r} vs checkpoint {b!r}" for k in MODEL_KEYS if k in stored
-          for name, a, b in _differences(f"model.{k}", given[k], stored[k])]
+  drop = lambda k, d: {f: v for f, v in d.items() if f not in UNCOMPARED[k]} if (
+      k in UNCOMPARED and isinstance(d, dict)) else d
+  diff = [f"{name}: config {a!r} vs checkpoint {b!r}" for k in MODEL_KEYS
+          if k in stored and k not in ignore
+          for name, a, b in _differences(f"model.{k}", drop(k, given[k]), drop(k, stored[k]))]
   if diff:
     raise ValueError(f"--config does not describe the model trained in {path.parent} "
                      f"(e.g. another ablation preset); {path} differs: " + "; ".join(diff))

@@ -168,7 +168,8 @@ class Generator:
       self._lm_layers = (jax.jit(llm.unstack_layers, static_argnums=1)(
           lm["layers"], self.cfg.llm.num_layers) if params is not None else None)
       self._decoder = llm.LlamaDecoder(self.cfg.llm, dtype=self.cfg.compute_dtype,
-                                       param_dtype=self.cfg.weight_dtype, rve=self.rve)
+                                       param_dtype=self.cfg.weight_dtype, rve=self.rve,
+                                       lora=self.cfg.lora)
       self._step = jax.jit(self._split_step_fn, donate_argnums=(1,))
     else:
       self._step = jax.jit(self._step_fn, donate_argnums=(1,))

@@ -7,6 +7,7 @@ a typo in a config file or a ``--config.model.X=...`` override fails before any 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -132,6 +133,59 @@ class MaskConfig:
                          f"found {getattr(self, name)!r}")
 
 
+# The decoder layer's projections as the parameter tree names them (model/llm.py).
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                    "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA adapters on the decoder's projections (docs/design.md "LoRA"); rank 0 = off.
+
+  ``targets`` is a regex that must match a projection name (LORA_PROJECTIONS) in full;
+  each matched projection W gains W + (alpha / rank) B A with A [in, rank], B [rank, out].
+  ``dropout`` applies to the adapter's input in training only.
+  """
+  rank: int = 0
+  alpha: float = 32.0
+  targets: str = "|".join(LORA_PROJECTIONS)
+  dropout: float = 0.05  # as LLaVA's LoRA scripts
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    """alpha / rank, the factor on B A (PEFT's ``scaling`` without rsLoRA)."""
+    return float(self.alpha) / self.rank
+
+  def targeted(self) -> tuple[str, ...]:
+    """The projection names ``targets`` matches, in LORA_PROJECTIONS order."""
+    return tuple(n for n in LORA_PROJECTIONS if re.fullmatch(self.targets, n))
+
+  def applies_to(self, name: str) -> bool:
+    """True when the projection ``name`` carries an adapter."""
+    return self.enabled and name in self.targeted()
+
+  def validate(self):
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+      raise ValueError(f"lora.rank must be an integer >= 0 (0 = off), found {self.rank!r}")
+    if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+      raise ValueError(f"lora.alpha must be a positive number, found {self.alpha!r}")
+    if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+      raise ValueError(f"lora.dropout must be in [0, 1), found {self.dropout!r}")
+    if not isinstance(self.targets, str):
+      raise ValueError(f"lora.targets must be a regex string, found {self.targets!r}")
+    try:
+      re.compile(self.targets)
+    except re.error as e:
+      raise ValueError(f"lora.targets={self.targets!r} is not a valid regex: {e}") from None
+    if not self.targeted():
+      raise ValueError(f"lora.targets={self.targets!r} matches none of the decoder's "
+                       f"projections {LORA_PROJECTIONS} (matched in full)")
+
+
 @dataclasses.dataclass(frozen=True)
 class ActionTokenConfig:
   """LLaVAction's action token (model/action_token.py): one learnable embedding after the
@@ -191,6 +245,7 @@ class ModelConfig:
   # a multiple of both. Ignored by the other backends.
   splash_block_q: int = 128
   splash_block_kv: int = 128
+  lora: LoraConfig = LoraConfig()  # decoder adapters; rank 0 = off
 
   @property
   def video_token_counts(self) -> tuple[int, int]:
@@ -214,6 +269,7 @@ class ModelConfig:
     self.llm.validate()
     self.mask.validate()
     self.action_token.validate()
+    self.lora.validate()
     self.video_token_counts  # raises on bad frame count / odd grid
     checks = {"projector": PROJECTORS, "rope_mode": layout.ROPE_MODES,
               "remat_policy": REMAT_POLICIES, "dtype": tuple(DTYPES),
@@ -237,7 +293,7 @@ class ModelConfig:
     d = _plain(d)
     kwargs = _take_fields(cls, d, "model")
     sections = {"vision": VisionConfig, "llm": LlamaConfig, "mask": MaskConfig,
-                "action_token": ActionTokenConfig}
+                "action_token": ActionTokenConfig, "lora": LoraConfig}
     for name, sub in sections.items():
       if name in kwargs:
         sub_kwargs = _take_fields(sub, kwargs[name], f"model.{name}")

@@ -21,6 +21,11 @@ RVE (analysis/rve.py): with an ``rve`` config (a static field) and ``rve_rows`` 
 logits at the visual keys. Inside the layer scan the layer index is a scanned input; the
 stack without ``rve`` is built and called exactly as before, so the programs compiled with
 RVE off are unchanged.
+
+LoRA (``lora``, a static LoraConfig; docs/design.md "LoRA"): each projection the config
+targets gains a sibling ``<name>_lora`` module with ``lora_a`` [*in, rank] and ``lora_b``
+[rank, *out], stacked on the ``layers`` axis like the rest of the layer; its output
+(alpha / rank) x A B is added to the projection's. With rank 0 nothing of this is built.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 from mashvlm_jax.analysis import rve as rve_lib
 from mashvlm_jax.model import attention as attention_lib
 from mashvlm_jax.model import rope
-from mashvlm_jax.model.config import LlamaConfig
+from mashvlm_jax.model.config import LlamaConfig, LoraConfig
 
 Dtype = jnp.dtype
 
@@ -96,6 +101,60 @@ def write_rows(cache, new, index):
       cache, new, index)
 
 
+def lora_a_init(fan_in_axes: tuple[int, ...]):
+  """PEFT's A initialisation (``kaiming_uniform_(a=sqrt(5))`` on torch's [rank, in]):
+  uniform on +-1/sqrt(fan_in), fan_in the product of the input dims ``fan_in_axes``."""
+  def init(key, shape, dtype=jnp.float32):
+    fan_in = 1
+    for axis in fan_in_axes:
+      fan_in *= shape[axis]
+    bound = 1.0 / fan_in ** 0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class LoraAdapter(nn.Module):
+  """The low-rank update of one projection: x [*lead, *in] -> (alpha / rank) *
+  dropout(x) A B [*lead, *out] with A [*in, rank] (PEFT's init) and B [rank, *out] (zeros,
+  so a fresh adapter adds exactly 0). ``in_axes`` / ``out_axes``: the logical axis names
+  of the projection's input and output dims (the base kernel's). Dropout (rate
+  ``lora.dropout``) runs only when a "dropout" RNG is given, i.e. in training."""
+  lora: LoraConfig
+  out_features: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    num_in = len(self.in_axes)
+    rank = self.lora.rank
+    a = self.param("lora_a", partitioned(lora_a_init(tuple(range(num_in))),
+                                         self.in_axes + ("lora_rank",)),
+                   x.shape[x.ndim - num_in:] + (rank,), self.param_dtype)
+    b = self.param("lora_b", partitioned(nn.initializers.zeros,
+                                         ("lora_rank",) + self.out_axes),
+                   (rank,) + tuple(self.out_features), self.param_dtype)
+    if self.lora.dropout > 0 and self.has_rng("dropout"):
+      x = nn.Dropout(self.lora.dropout, deterministic=False)(x)
+    low = jnp.tensordot(x.astype(self.dtype), a.astype(self.dtype), axes=num_in)
+    out = jnp.tensordot(low, b.astype(self.dtype), axes=1)
+    return out * jnp.asarray(self.lora.scale, self.dtype)
+
+
+def project(layer, x, name: str, lora: LoraConfig, out_features, in_axes, out_axes,
+            dtype, param_dtype):
+  """``rows(layer, x)`` plus, when ``lora`` targets ``name``, its adapter (a submodule
+  ``<name>_lora`` of the calling module). ``in_axes`` names x's feature dims."""
+  out = rows(layer, x, len(in_axes))
+  if not lora.applies_to(name):
+    return out
+  adapter = LoraAdapter(lora, tuple(out_features), tuple(in_axes), tuple(out_axes), dtype,
+                        param_dtype, name=f"{name}_lora")
+  return out + rows(adapter, x, len(in_axes)).astype(out.dtype)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with rotary embedding; q/k/v kernels [D, heads, d]."""
   cfg: LlamaConfig
@@ -105,6 +164,7 @@ class Attention(nn.Module):
   capture_probs: bool = False
   rve: rve_lib.RveConfig | None = None
   capture_heads: bool = False
+  lora: LoraConfig = LoraConfig()
 
   @nn.compact
   def __call__(self, x, angles, mask, cache_index=None, rve_rows=None, layer=None):
@@ -115,12 +175,20 @@ class Attention(nn.Module):
     dense = functools.partial(nn.DenseGeneral, use_bias=cfg.attention_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype)
     head_dim = cfg.dim_per_head
-    q = rows(dense((cfg.num_heads, head_dim), name="q_proj",
-                   kernel_init=partitioned(_INIT, ("embed", "heads", "kv"))), x)
-    k = rows(dense((cfg.num_kv_heads, head_dim), name="k_proj",
-                   kernel_init=partitioned(_INIT, ("embed", "kv_heads", "kv"))), x)
-    v = rows(dense((cfg.num_kv_heads, head_dim), name="v_proj",
-                   kernel_init=partitioned(_INIT, ("embed", "kv_heads", "kv"))), x)
+    lora = functools.partial(project, lora=self.lora, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    q = lora(dense((cfg.num_heads, head_dim), name="q_proj",
+                   kernel_init=partitioned(_INIT, ("embed", "heads", "kv"))), x, "q_proj",
+             out_features=(cfg.num_heads, head_dim), in_axes=("embed",),
+             out_axes=("heads", "kv"))
+    k = lora(dense((cfg.num_kv_heads, head_dim), name="k_proj",
+                   kernel_init=partitioned(_INIT, ("embed", "kv_heads", "kv"))), x, "k_proj",
+             out_features=(cfg.num_kv_heads, head_dim), in_axes=("embed",),
+             out_axes=("kv_heads", "kv"))
+    v = lora(dense((cfg.num_kv_heads, head_dim), name="v_proj",
+                   kernel_init=partitioned(_INIT, ("embed", "kv_heads", "kv"))), x, "v_proj",
+             out_features=(cfg.num_kv_heads, head_dim), in_axes=("embed",),
+             out_axes=("kv_heads", "kv"))
     q = rope.apply_rotary(q, angles)
     k = rope.apply_rotary(k, angles)
     enhance = None
@@ -142,8 +210,10 @@ class Attention(nn.Module):
         self.sow("intermediates", "attention_probs", probs.mean(axis=1))
       if self.capture_heads:
         self.sow("intermediates", "attention_head_probs", probs)
-    return rows(dense(x.shape[-1], axis=(-2, -1), name="o_proj",
-                      kernel_init=partitioned(_INIT, ("heads", "kv", "embed"))), out, 2)
+    return lora(dense(x.shape[-1], axis=(-2, -1), name="o_proj",
+                      kernel_init=partitioned(_INIT, ("heads", "kv", "embed"))), out,
+                "o_proj", out_features=(x.shape[-1],), in_axes=("heads", "kv"),
+                out_axes=("embed",))
 
 
 class MLP(nn.Module):
@@ -151,16 +221,23 @@ class MLP(nn.Module):
   cfg: LlamaConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraConfig = LoraConfig()
 
   @nn.compact
   def __call__(self, x):
     dense = functools.partial(nn.Dense, use_bias=self.cfg.mlp_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype)
+    lora = functools.partial(project, lora=self.lora, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
     up_init = partitioned(_INIT, ("embed", "mlp"))
-    gate = rows(dense(self.cfg.intermediate_size, name="gate_proj", kernel_init=up_init), x)
-    up = rows(dense(self.cfg.intermediate_size, name="up_proj", kernel_init=up_init), x)
-    return rows(dense(x.shape[-1], name="down_proj",
-                      kernel_init=partitioned(_INIT, ("mlp", "embed"))), nn.silu(gate) * up)
+    size = self.cfg.intermediate_size
+    up_lora = dict(out_features=(size,), in_axes=("embed",), out_axes=("mlp",))
+    gate = lora(dense(size, name="gate_proj", kernel_init=up_init), x, "gate_proj", **up_lora)
+    up = lora(dense(size, name="up_proj", kernel_init=up_init), x, "up_proj", **up_lora)
+    return lora(dense(x.shape[-1], name="down_proj",
+                      kernel_init=partitioned(_INIT, ("mlp", "embed"))), nn.silu(gate) * up,
+                "down_proj", out_features=(x.shape[-1],), in_axes=("mlp",),
+                out_axes=("embed",))
 
 
 class DecoderLayer(nn.Module):
@@ -171,16 +248,18 @@ class DecoderLayer(nn.Module):
   capture_probs: bool = False
   rve: rve_lib.RveConfig | None = None
   capture_heads: bool = False
+  lora: LoraConfig = LoraConfig()
 
   @nn.compact
   def __call__(self, x, angles, mask, cache_index=None, rve_rows=None, layer=None):
     norm = functools.partial(RMSNorm, eps=self.cfg.rms_norm_eps, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
     attention = Attention(self.cfg, self.dtype, self.param_dtype, self.backend,
-                          self.capture_probs, self.rve, self.capture_heads, name="self_attn")
+                          self.capture_probs, self.rve, self.capture_heads, self.lora,
+                          name="self_attn")
     h = x + attention(norm(name="input_layernorm")(x), angles, mask, cache_index, rve_rows,
                       layer)
-    out = h + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(
+    out = h + MLP(self.cfg, self.dtype, self.param_dtype, self.lora, name="mlp")(
         norm(name="post_attention_layernorm")(h))
     return out, None
 
@@ -201,7 +280,7 @@ def layer_stack(layer_cls, num_layers: int, remat_policy: str, num_broadcast: in
   if remat_policy != "none":
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
   return nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
-                 split_rngs={"params": True},
+                 split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned,
                  length=num_layers,
                  unroll=1 if scan_layers else max(num_layers, 1),
@@ -227,6 +306,7 @@ class LlamaDecoder(nn.Module):
   scan_layers: bool = True  # False: the layer stack unrolled (``scanned``)
   rve: rve_lib.RveConfig | None = None  # attention enhancement (analysis/rve.py)
   capture_heads: bool = False  # sow per-layer, per-head attention probabilities
+  lora: LoraConfig = LoraConfig()  # adapters on the layers' projections (rank 0: none)
 
   def setup(self):
     cfg = self.cfg
@@ -241,7 +321,7 @@ class LlamaDecoder(nn.Module):
                           dtype=self.dtype, param_dtype=self.param_dtype,
                           backend=self.attention_backend,
                           capture_probs=self.capture_attention, rve=self.rve,
-                          capture_heads=self.capture_heads, **extra)
+                          capture_heads=self.capture_heads, lora=self.lora, **extra)
     self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
@@ -325,7 +405,8 @@ def decode_unstacked(decoder: LlamaDecoder, params, layer_params: list, layer_ca
   separate per-layer buffers avoid that copy. Returns (logits float32 [B, C, vocab], the
   per-layer caches after writing the chunk).
   """
-  layer = DecoderLayer(decoder.cfg, decoder.dtype, decoder.param_dtype, rve=decoder.rve)
+  layer = DecoderLayer(decoder.cfg, decoder.dtype, decoder.param_dtype, rve=decoder.rve,
+                       lora=decoder.lora)
   x = decoder.apply({"params": params}, token_ids, method=LlamaDecoder.embed)
   angles = decoder.apply({"params": params}, position_ids, method=LlamaDecoder.rotary)
   caches = []

@@ -53,7 +53,7 @@ class MashVLM(nn.Module):
         scan_layers=cfg.scan_layers,
         attention_blocks=(cfg.splash_block_q, cfg.splash_block_kv),
         capture_attention=self.capture_attention, rve=self.rve,
-        capture_heads=self.capture_heads, **common)
+        capture_heads=self.capture_heads, lora=cfg.lora, **common)
     if cfg.action_token.enabled:
       self.action_token = action_lib.ActionToken(cfg.action_token, cfg.llm.hidden_size,
                                                  **common)

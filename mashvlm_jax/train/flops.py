@@ -3,7 +3,10 @@
 Model FLOPs count matmuls only (2 per multiply-add), forward x1 for the frozen vision
 tower and x3 (forward + backward) for trainable parts; attention scores count the full
 S x S product (what the dense and splash kernels compute, before block skipping);
-rematerialisation is not counted (MFU, not hardware utilisation).
+rematerialisation is not counted (MFU, not hardware utilisation). With LoRA
+(model.lora.rank > 0) the decoder's base weights are frozen: its backward computes
+activation gradients but no weight gradients for them (the train step stops their
+gradients), and the adapters count x3.
 """
 from __future__ import annotations
 
@@ -51,6 +54,35 @@ def llm_flops_per_row(cfg: ModelConfig, text_len: int) -> float:
   return l.num_layers * per_layer + head
 
 
+def lora_flops_per_row(cfg: ModelConfig, text_len: int) -> float:
+  """Forward FLOPs of the LoRA adapters over one row: x A then (x A) B per targeted
+  projection and layer (0 with LoRA off)."""
+  if not cfg.lora.enabled:
+    return 0.0
+  l = cfg.llm
+  seq = sum(cfg.video_token_counts) + text_len
+  q, kv = l.num_heads * l.dim_per_head, l.num_kv_heads * l.dim_per_head
+  widths = {"q_proj": (l.hidden_size, q), "k_proj": (l.hidden_size, kv),
+            "v_proj": (l.hidden_size, kv), "o_proj": (q, l.hidden_size),
+            "gate_proj": (l.hidden_size, l.intermediate_size),
+            "up_proj": (l.hidden_size, l.intermediate_size),
+            "down_proj": (l.intermediate_size, l.hidden_size)}
+  per_layer = sum(2 * seq * cfg.lora.rank * (widths[name][0] + widths[name][1])
+                  for name in cfg.lora.targeted())
+  return l.num_layers * per_layer
+
+
+def frozen_llm_weight_flops_per_row(cfg: ModelConfig, text_len: int) -> float:
+  """FLOPs of the decoder's weight gradients that LoRA skips: one forward's worth of its
+  projections and LM head (the attention scores have no weights)."""
+  l = cfg.llm
+  seq = sum(cfg.video_token_counts) + text_len
+  head_dim = l.dim_per_head
+  attn_proj = 2 * l.hidden_size * head_dim * (2 * l.num_heads + 2 * l.num_kv_heads)
+  mlp = 2 * 3 * l.hidden_size * l.intermediate_size
+  return l.num_layers * seq * (attn_proj + mlp) + 2 * text_len * l.hidden_size * l.vocab_size
+
+
 def projector_flops_per_row(cfg: ModelConfig) -> float:
   """The projector's last (affine) layer runs on the 2T + N pooled rows (MashVLM
   .video_tokens), the layer before it (mlp2x_gelu) on all T * (P + 1) frame tokens."""
@@ -64,9 +96,14 @@ def projector_flops_per_row(cfg: ModelConfig) -> float:
 
 
 def train_flops_per_row(cfg: ModelConfig, text_len: int) -> float:
-  """Model FLOPs of one training row (vision forward only when frozen)."""
+  """Model FLOPs of one training row (vision forward only when frozen; with LoRA, no
+  weight gradients for the decoder's base weights)."""
   vision = cfg.num_frames * vision_flops_per_frame(cfg) * (1 if cfg.freeze_vision else 3)
-  return vision + 3 * (projector_flops_per_row(cfg) + llm_flops_per_row(cfg, text_len))
+  total = vision + 3 * (projector_flops_per_row(cfg) + llm_flops_per_row(cfg, text_len))
+  if cfg.lora.enabled:
+    total += 3 * lora_flops_per_row(cfg, text_len) - frozen_llm_weight_flops_per_row(
+        cfg, text_len)
+  return total
 
 
 @functools.lru_cache(maxsize=None)

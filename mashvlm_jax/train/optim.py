@@ -44,6 +44,16 @@ def param_labels(params, optim: Mapping[str, Any]):
   return jax.tree_util.tree_map(label, path_names(params))
 
 
+# With LoRA on (model.lora.rank > 0): every decoder parameter except the adapters
+# (``<projection>_lora/lora_a|lora_b``, model/llm.py) is frozen.
+LORA_BASE_WEIGHTS = r"^language_model/(?!.*_lora/lora_[ab]$)"
+
+
+def lora_freeze(lora_enabled: bool) -> list[str]:
+  """The freeze regexes LoRA adds: the decoder's base weights, or none when it is off."""
+  return [LORA_BASE_WEIGHTS] if lora_enabled else []
+
+
 def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to ``lr`` over ``warmup_steps``, cosine to ``lr * final_lr_ratio``."""
   lr, warmup = float(optim["lr"]), int(optim["warmup_steps"])

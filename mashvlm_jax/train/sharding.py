@@ -32,6 +32,7 @@ LOGICAL_AXIS_RULES = (
     ("vocab", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters' low-rank dim (a few dozen): replicated
 )
 
 

@@ -111,19 +111,27 @@ def head_scales(cfg, batch):
 def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
   """(state, batch) -> (state, metrics). Non-finite updates are never applied.
 
+  Frozen parameters (``trainable`` False) enter the loss behind stop_gradient, so their
+  weight gradients are never computed (LoRA: only the adapters' are). With LoRA dropout
+  the model gets a "dropout" RNG drawn from the state's RNG per step and microbatch.
   With the model's action token enabled the objective adds lambda * sum_h w_h CE_h
   (model/action_token.py), each CE averaged over the batch's labelled rows, and the
   metrics add lm_loss and per head {head}_loss and {head}_accuracy (labelled rows)."""
   action = model.cfg.action_token if model.cfg.action_token.enabled else None
+  dropout = model.cfg.lora.enabled and model.cfg.lora.dropout > 0
 
-  def micro_loss(params, mb, scales):
+  def micro_loss(params, mb, scales, key):
     """(summed objective, aux sums) of one microbatch."""
+    params = jax.tree_util.tree_map(
+        lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+    rngs = {"dropout": key} if dropout else {}
     if action is None:
-      logits = model.apply({"params": params}, mb["frames"], mb["text_ids"], mb["text_mask"])
+      logits = model.apply({"params": params}, mb["frames"], mb["text_ids"], mb["text_mask"],
+                           rngs=rngs)
       nll, count, correct = masked_xent(logits, mb["labels"], mb["label_mask"])
       return nll, dict(count=count, correct=correct)
     logits, heads = model.apply({"params": params}, mb["frames"], mb["text_ids"],
-                                mb["text_mask"], with_heads=True)
+                                mb["text_mask"], with_heads=True, rngs=rngs)
     nll, count, correct = masked_xent(logits, mb["labels"], mb["label_mask"])
     sums = action_lib.head_xent(heads, mb["class_labels"])
     objective = nll + sum(scales[i] * sums[head][0]
@@ -134,24 +142,35 @@ def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
 
   def train_step(state: TrainState, batch):
     scales = head_scales(action, batch) if action is not None else None
+    key = jax.random.split(state.rng)[1]  # apart from the next state's fold_in(rng, step)
     if accum == 1:
-      (nll, aux), grads = grad_fn(state.params, batch, scales)
+      (nll, aux), grads = grad_fn(state.params, batch, scales, key)
     else:
       # Microbatch i takes rows i, i+accum, ...: every device keeps its own rows.
       micro = jax.tree_util.tree_map(
           lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1),
           batch)
 
-      def body(carry, mb):
-        (nll, aux), grads = grad_fn(state.params, mb, scales)
+      # frozen parameters' gradients are zero: their accumulators are scalars, so
+      # no full-size buffer is carried through the loop for them (LoRA: the whole LLM)
+      def body(carry, inputs):
+        mb, index = inputs
+        (nll, aux), grads = grad_fn(state.params, mb, scales, jax.random.fold_in(key, index))
+        grads = jax.tree_util.tree_map(lambda g, t: g if t else jnp.zeros((), g.dtype),
+                                       grads, trainable)
         acc = jax.tree_util.tree_map(jnp.add, carry, (nll, aux, grads))
         return acc, None
 
       aux = dict(count=0.0, correct=0.0)
       if action is not None:
         aux.update(nll=0.0, heads={head: (0.0, 0.0, 0.0) for head in action_lib.HEADS})
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-      (nll, aux, grads), _ = jax.lax.scan(body, (0.0, aux, zeros), micro)
+      zeros = jax.tree_util.tree_map(
+          lambda p, t: jnp.zeros_like(p) if t else jnp.zeros((), p.dtype), state.params,
+          trainable)
+      (nll, aux, grads), _ = jax.lax.scan(body, (0.0, aux, zeros),
+                                          (micro, jnp.arange(accum)))
+      grads = jax.tree_util.tree_map(lambda g, p: jnp.broadcast_to(g, p.shape), grads,
+                                     state.params)
     count, correct = aux["count"], aux["correct"]
     denom = jnp.maximum(count, 1.0)
     # in the parameters' dtype: a float32 division would turn bf16 optimizer state into
@@ -211,7 +230,8 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
   abstract_params = nn.unbox(boxed)
   optim_cfg = dict(config.optim)
   optim_cfg["freeze"] = list(optim_cfg.get("freeze", ())) + (
-      ["^vision_tower/"] if model_cfg.freeze_vision else [])
+      ["^vision_tower/"] if model_cfg.freeze_vision else []) + optim.lora_freeze(
+          model_cfg.lora.enabled)
   tx, schedule = optim.make_optimizer(abstract_params, optim_cfg, int(config.total_steps))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   repl = sharding.replicated(mesh)
@@ -253,14 +273,15 @@ def load_initial_params(config, setup: Setup, state: TrainState, directory: str)
   """Replaces the parameters found in ``directory`` (``init_from``): an ``import-hf``
   output, a trainer workdir (its latest step) or one of its step directories. Parameters
   only: the optimizer state stays fresh and the step counter at 0; what the checkpoint
-  does not carry (e.g. a projector) keeps its fresh initialisation. The model config
+  does not carry (e.g. a projector, LoRA adapters) keeps its fresh initialisation. The model config
   stored with the checkpoint must agree with ``config.model`` (ValueError naming each
   differing field)."""
   from flax import traverse_util
   from mashvlm_jax.convert import params_io
   from mashvlm_jax.data import registry
   stored = params_io.resolve_checkpoint(directory)[2]
-  params_io.check_model_config(config, stored / params_io.CONFIG_FILE)
+  # a LoRA run may start from a checkpoint without adapters (or with other ones)
+  params_io.check_model_config(config, stored / params_io.CONFIG_FILE, ignore=("lora",))
   registry.check_vocabulary_file(config, stored / registry.VOCABULARY_FILE)
   loaded = traverse_util.flatten_dict(params_io.load_params(directory)[0], sep="/")
   fresh = traverse_util.flatten_dict(state.params, sep="/")
