@@ -144,12 +144,23 @@ HACA_RECIPES = {  # arm -> (data.train_tasks, what)
 }
 
 
+HACA_LORA = {"model.lora.rank": 16, "model.lora.alpha": 32.0}  # VideoChat2's setting
+
+
 def _haca_arms() -> list[Arm]:
-  return [Arm(name, dict(FINE_TUNE, **{"data.train_tasks": tasks, "text_len": 48}),
+  group = "HACA: hallucination-correction fine-tuning"
+  arms = [Arm(name, dict(FINE_TUNE, **{"data.train_tasks": tasks, "text_len": 48}),
               parent="mash", reference="mash+mix", benchmarks=("entailment", "retrieval"),
-              group="HACA: hallucination-correction fine-tuning",
-              about=f"{what}, 500 steps from `mash`")
+              group=group, about=f"{what}, 500 steps from `mash`")
           for name, (tasks, what) in HACA_RECIPES.items()]
+  arms.append(Arm("mash+haca_mask+lora",
+                  dict(FINE_TUNE, **{"data.train_tasks": ("haca_mask",), "text_len": 48},
+                       **HACA_LORA),
+                  parent="mash", reference="mash+haca_mask",
+                  benchmarks=("entailment", "retrieval"), group=group,
+                  about="HACA + masking with LoRA rank 16 / alpha 32 on the decoder (the "
+                        "base LLM frozen, projector trained), 500 steps from `mash`"))
+  return arms
 
 
 # UTR (data/tasks/utr.py): trajectory rows hold boxes, so crop and flip stay off and the
