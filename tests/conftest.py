@@ -36,6 +36,21 @@ def require(module: str):
   return pytest.importorskip(module, reason=f"{module} is not installed: {how}")
 
 
+def run_cli(*args, cwd, timeout: int = 600):
+  """``python -m mashvlm_jax.cli *args`` run from ``cwd`` with the arguments as a user
+  types them (relative paths), on CPU, without $MASHVLM_DATA_DIR; asserts it exits 0 and
+  returns the CompletedProcess (stdout, stderr)."""
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.pop("PYTEST_CURRENT_TEST", None)
+  env.pop("MASHVLM_DATA_DIR", None)
+  out = subprocess.run([sys.executable, "-m", "mashvlm_jax.cli", *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
 def load_config(name: str, arg: str | None = None):
   """configs/<name>.py get_config(arg)."""
   spec = importlib.util.spec_from_file_location(f"configs.{name}", ROOT / "configs" / f"{name}.py")

@@ -2,16 +2,13 @@
 cases, and `mashvlm eval --benchmark=entailment|retrieval` end to end on a random tiny
 checkpoint, every P(yes) checked against a full forward of the prompt written out here."""
 import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from mashvlm_jax.convert import params_io
 from mashvlm_jax.data import pipeline, registry, synthetic
 from mashvlm_jax.eval import entailment
@@ -69,15 +66,6 @@ def test_score_pairs_per_type_and_split():
 
 
 # ------------------------------------------------------------------------------ end to end
-
-def run_cli(*args, cwd):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("PYTEST_CURRENT_TEST", None)
-  env.pop("MASHVLM_DATA_DIR", None)
-  out = subprocess.run([sys.executable, "-m", "mashvlm_jax.cli", *args], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return out
 
 
 OVERRIDES = [f"--config={ROOT / 'configs' / 'tiny_synthetic.py'}",

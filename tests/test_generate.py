@@ -210,8 +210,8 @@ def test_sampling_is_seeded():
 
 def word_tokenizer(tmp_path):
   """The synthetic set's kind of tokenizer (data/tokenizer.py): lower-cased words and
-  punctuation; ids <pad>=0, <unk>=1, <s>=2, </s>=3, then ":"=4, "a"=5, "b"=6, "no"=7,
-  "user"=8, "yes"=9."""
+  punctuation; ids <pad>=0, <unk>=1, <s>=2, </s>=3, then ":"=4, "[MASK]"=5 (always
+  there, HACA's mask token), "a"=6, "b"=7, "no"=8, "user"=9, "yes"=10."""
   path = tmp_path / "tokenizer.json"
   tokenizer.save_atomic(tokenizer.build_word_tokenizer(["yes no a b USER:"]), path)
   return tokenizer.Tokenizer(str(path), kind="word")
@@ -219,15 +219,15 @@ def word_tokenizer(tmp_path):
 
 def test_stop_strings_cut_the_text(tmp_path):
   tok = word_tokenizer(tmp_path)
-  assert tok.encode("yes a b no USER:") == [9, 5, 6, 7, 8, 4] and tok.eos_id == 3
+  assert tok.encode("yes a b no USER:") == [10, 6, 7, 8, 9, 4] and tok.eos_id == 3
   # the word tokenizer decodes "USER:" as "user :" (lower case, punctuation split off)
   rows = generate._Rows(2, generate.SamplingParams(max_new_tokens=5, eos_id=tok.eos_id,
                                                    stop_strings=("user :",)), tok)
-  for tokens in ([9, 7], [5, 8], [6, 4], [6, 9]):
-    rows.add(np.array(tokens))
+  for words in ("yes no", "a user", "b :", "b yes"):  # one step: row 0's, row 1's token
+    rows.add(np.array(tok.encode(words)))
   assert rows.finish == ["length", "stop"]
   assert rows.texts() == ["yes a b b", "no "]
-  assert rows.tokens[1] == [7, 8, 4]
+  assert rows.tokens[1] == [8, 9, 4]  # no user : (the stop string's tokens kept)
   cfg = ModelConfig.from_dict(load_config("tiny_synthetic").model)
   with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
     generate.Generator(cfg, params=None).generate(

@@ -351,7 +351,7 @@ def test_tiny_recipe_sets_the_family_and_every_row_fits_its_text_len(tmp_path):
 
 def test_7b_recipe_is_the_papers_two_lora_settings():
   base = load_config("mashvlm_7b")
-  assert "lora" not in base.model and base.optim.lr == 2e-5
+  assert base.model.lora.rank == 0 and base.optim.lr == 2e-5  # LoRA off by default
   small = load_config("mashvlm_7b", "haca=lora16")
   assert dict(small.model.lora)["rank"] == 16 and dict(small.model.lora)["alpha"] == 32.0
   assert small.optim.lr == 2e-5 and small.model.freeze_vision

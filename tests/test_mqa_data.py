@@ -7,13 +7,11 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from test_data_video import write_indexed_mp4
 from test_mqa import CHI2_999, chi_square, word_tokenizer  # noqa: F401 (fixture)
 from test_vocabulary import assert_known
@@ -273,12 +271,7 @@ def test_epic_layout_builds_with_relative_paths_and_counts_bad_records(tmp_path)
                             tmp_path / "tokenizer.json")  # the user's tokenizer
   (tmp_path / "epic_config.py").write_text(
       EPIC_CONFIG.format(tiny=str(ROOT / "configs" / "tiny_synthetic.py")))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  env.pop("MASHVLM_DATA_DIR", None)
-  out = subprocess.run([sys.executable, "-m", "mashvlm_jax.cli", "make-data",
-                        "--config=epic_config.py"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
+  out = run_cli("make-data", "--config=epic_config.py", cwd=tmp_path, timeout=300)
   assert "skipped 2 of 7 records" in out.stdout
   assert "epic.json record 5 (video P01_02.mp4): field 'verb_class' should be int" in out.stdout
   assert "epic.json record 6 (video P01_02.mp4): field 'stop'" in out.stdout

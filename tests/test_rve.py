@@ -8,9 +8,6 @@ paths."""
 import dataclasses
 import functools
 import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -18,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from mashvlm_jax import layout
 from mashvlm_jax.analysis import rve, rve_heads
 from mashvlm_jax.eval import common, generate, scoring
@@ -434,15 +431,6 @@ def test_heads_file_roundtrip_overrides_and_rejections(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------ commands
-
-def run_cli(*args, cwd):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("PYTEST_CURRENT_TEST", None)
-  env.pop("MASHVLM_DATA_DIR", None)
-  out = subprocess.run([sys.executable, "-m", "mashvlm_jax.cli", *args], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return out
 
 
 def test_rve_heads_then_eval_with_relative_paths(tiny, tmp_path):

@@ -3,16 +3,14 @@ the renderer, uniform query draws, the box answer round trip, the small-subject 
 users' tracks through make-data, the augmentation rule and the 7B recipe (Table 9)."""
 import collections
 import json
-import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, run_cli
 from mashvlm_jax.data import builders, chat, pipeline, registry, synthetic, tokenizer
 from mashvlm_jax.data.tasks import families, utr
 from mashvlm_jax.train import optim
@@ -206,12 +204,7 @@ def write_tracks(tmp_path):
 
 def test_tracks_layout_builds_utr_rows_through_make_data(tmp_path, monkeypatch):
   write_tracks(tmp_path)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  env.pop("MASHVLM_DATA_DIR", None)
-  out = subprocess.run([sys.executable, "-m", "mashvlm_jax.cli", "make-data",
-                        "--config=configs/tracks.py"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
+  out = run_cli("make-data", "--config=configs/tracks.py", cwd=tmp_path, timeout=300)
   assert "1 of 1 records hold UTR track queries: 100.0%" in out.stdout
   assert "skipped 3 of 4 records" in out.stdout
   assert re.search(r"tracks.json record 1 .*tracks\[0\]\.boxes\[1\]\.box should have "

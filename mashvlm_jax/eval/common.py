@@ -250,6 +250,22 @@ def batches(items: list, size: int):
     yield items[begin:begin + size]
 
 
+def chunk_rows(chunk) -> tuple[np.ndarray, list, list[int]]:
+  """A chunk [(frames [T, H, W, 3], rows)] of ``run_in_batches`` as (frames [C, T, H, W,
+  3], its rows in order, the clip index of each row)."""
+  frames = np.stack([f for f, _ in chunk])
+  rows = [r for _, rows in chunk for r in rows]
+  clip = [c for c, (_, rows) in enumerate(chunk) for _ in rows]
+  return frames, rows, clip
+
+
+def pad_rows(clip, prompts, multiple: int = 16):
+  """Rows padded to a multiple of 16 by repeating the last one (fewer jit shapes); the
+  extra rows' scores are ignored (zip with the real rows)."""
+  extra = -len(prompts) % multiple
+  return list(clip) + [clip[-1]] * extra, list(prompts) + [prompts[-1]] * extra
+
+
 def run_in_batches(todo: list, batch_size: int, step, log_file: PredictionLog, *,
                    desc: str, show_progress: bool = True, total: int | None = None,
                    initial: int = 0) -> None:

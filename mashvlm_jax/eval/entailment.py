@@ -121,19 +121,16 @@ def score_pairs(predictions: list[dict]) -> dict:
 def _scorer_step(config, params, prompter):
   """step(chunk of (frames, rows)) -> rows with p_yes, each row asking its "caption"."""
   from mashvlm_jax.eval.scoring import Scorer
-  from mashvlm_jax.eval.unscene import _pad_rows
   from mashvlm_jax.model.config import ModelConfig
   scorer = Scorer(ModelConfig.from_dict(config.model), params, prompter.tok.pad_id)
   yes, no = prompter.token("Yes"), prompter.token("No")
   text_len = int(config.data.text_len)
 
   def step(chunk):
-    frames = np.stack([f for f, _ in chunk])
-    rows = [r for _, rows in chunk for r in rows]
-    clip = [c for c, (_, rows) in enumerate(chunk) for _ in rows]
+    frames, rows, clip = common.chunk_rows(chunk)
     prompts = [prompter(haca.entailment_question(r["caption"])) for r in rows]
     width = max(text_len, max(len(p) for p in prompts))
-    clip, prompts = _pad_rows(clip, prompts)
+    clip, prompts = common.pad_rows(clip, prompts)
     p_yes = scorer.yes_probability(frames, clip, prompts, yes, no, text_len=width)["p_yes"]
     return [dict(r, p_yes=float(p)) for r, p in zip(rows, p_yes)]
   return step

@@ -153,25 +153,16 @@ def _likelihood_runner(model_cfg, params, prompter, config, max_new_tokens):
   text_len = int(config.data.text_len)
 
   def step(chunk):
-    frames = np.stack([f for f, _ in chunk])
-    rows = [r for _, rows in chunk for r in rows]
-    clip = [c for c, (_, rows) in enumerate(chunk) for _ in rows]
+    frames, rows, clip = common.chunk_rows(chunk)
     prompts = [prompter(r["question"], r["instruction"]) for r in rows]
     width = max(text_len, max(len(p) for p in prompts))
-    clip, prompts = _pad_rows(clip, prompts)
+    clip, prompts = common.pad_rows(clip, prompts)
     probs = scorer.yes_probability(frames, clip, prompts, yes, no, text_len=width)
     out = []
     for r, p in zip(rows, probs["p_yes_vs_no"]):
       out.append(dict(r, prediction="Yes" if p > 0.5 else "No", p_yes=float(p)))
     return out
   return step
-
-
-def _pad_rows(clip, prompts, multiple: int = 16):
-  """Rows padded to a multiple of 16 by repeating the last one (fewer jit shapes); the
-  extra rows' scores are ignored (zip with the real rows)."""
-  extra = -len(prompts) % multiple
-  return list(clip) + [clip[-1]] * extra, list(prompts) + [prompts[-1]] * extra
 
 
 def _generate_runner(model_cfg, params, prompter, config, max_new_tokens):
