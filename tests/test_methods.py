@@ -104,6 +104,7 @@ def test_arms_that_fine_tune_and_that_only_evaluate(tmp_path):
   avg = methods._mean_sd([results["mash"]["binary"]["average"]])
   assert avg in doc
   assert "Entailment pairs" in doc and "| `mash+haca` | `mash+mix` |" in doc
+  assert "MQA recognizer-B options, unusual" in doc  # the control is scored on it too
 
   # a rerun skips finished runs: nothing is trained or rewritten
   stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("result.json")}
@@ -111,6 +112,16 @@ def test_arms_that_fine_tune_and_that_only_evaluate(tmp_path):
   assert out.returncode == 0, out.stderr[-4000:]
   assert {p: p.stat().st_mtime_ns for p in runs.rglob("result.json")} == stamps
   assert "train:" not in out.stderr
+
+  # an arm that gained benchmarks since its run finished: scored on them, not retrained
+  control = runs / "mash+mix" / "seed0" / "result.json"
+  before = json.loads(control.read_text())
+  assert set(before["extra"]) == {"entailment", "retrieval", "mqa"}
+  control.write_text(json.dumps({k: v for k, v in before.items() if k != "extra"}))
+  out = study(tmp_path)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "train:" not in out.stderr
+  assert json.loads(control.read_text()) == before
 
   # a missing seed shows as PARTIAL, naming the missing runs
   out = study(tmp_path, "--seeds=0,1", "--render_only")
