@@ -7,13 +7,20 @@ to every training clip beside the ordinary mixture (train_mix.py). A family is a
     @families.train_family("utr")
     def rows(spec, rng, ctx): ...
 
-``ctx`` is a ``BuildContext`` (the stored frame count and size, the data seed). The
-pipeline samples one row per visit (``data.qa_mode="sample"``), so a family's share of
-the samples is its row count over the clip's total.
+``ctx`` is a ``BuildContext`` (the stored frame count and size, the data seed, the
+ordinary rows' negatives, the build's config). The pipeline samples one row per visit
+(``data.qa_mode="sample"``), so a family's share of the samples is its row count over
+the clip's total.
+
+A family may also draw its training clips otherwise (``@clip_renderer(name)``, e.g. held
+still around the action for temporal detection); rows that read the ordinary render's
+geometry (UTR boxes) refuse such families beside them.
 
 A stored row whose ``task`` has a visit renderer is re-rendered at every visit with the
 visit's rng (``render_visit``): options shuffled, words masked, drawn afresh each epoch
-while the stored record stays fixed. The renderer must be a pure function of (row, rng).
+while the stored record stays fixed. The renderer must be a pure function of (row, rng),
+and its task name must be its own: the ordinary rows' names ("caption", "action", ...)
+are never re-rendered (tests/test_task_families.py).
 """
 from __future__ import annotations
 
