@@ -55,6 +55,16 @@ def sources(config) -> tuple:
   return tuple(out)
 
 
+def _stamp(path) -> tuple[int, int] | None:
+  """(size in bytes, mtime in ns) of a file, None when it does not exist: what tells a
+  changed input file apart in a data set's name."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return None
+  st = path.stat()
+  return st.st_size, st.st_mtime_ns
+
+
 def _fingerprint(srcs, params) -> str:
   """Hash of the annotation files (paths, sizes, mtimes) and build parameters."""
   h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
@@ -62,9 +72,9 @@ def _fingerprint(srcs, params) -> str:
     h.update(f"{split}|{path}|{root}".encode())
     p = pathlib.Path(path)
     for f in sorted(p.glob("*.json")) if p.is_dir() else [p]:
-      if f.exists():
-        st = f.stat()
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+      stamp = _stamp(f)
+      if stamp:
+        h.update(f"{f}|{stamp[0]}|{stamp[1]}".encode())
   return h.hexdigest()[:12]
 
 
@@ -90,8 +100,7 @@ def builder(config):
     predictions = str(d.get("mqa_predictions", "") or "")
     if predictions:  # the options change with the file: part of the name
       predictions = paths.local_path(predictions)
-      stat = pathlib.Path(predictions).stat() if pathlib.Path(predictions).exists() else None
-      params["predictions"] = [predictions, stat and stat.st_size, stat and stat.st_mtime_ns]
+      params["predictions"] = [predictions, *(_stamp(predictions) or (None, None))]
     haca_family = builders.local_haca_family(tuple(d.get("train_tasks", ())))
     if haca_family != builders.LocalConfig.haca_family:  # the default keeps existing names
       params["haca_family"] = haca_family
