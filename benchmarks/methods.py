@@ -393,23 +393,15 @@ def extra_benchmark(name: str, config, params, out_dir, max_items: int) -> dict:
 def tpl_rows(arm: Arm, seed: int, args) -> pathlib.Path:
   """``<arm's run>/tpl/tpl.jsonl``: TPL of every training row under that run's model
   (analysis/tpl.py), scored once per run and shared by the arms that filter by it."""
-  import jax
   from mashvlm_jax.analysis import tpl
-  from mashvlm_jax.data import registry
   from mashvlm_jax.eval import common
-  from mashvlm_jax.eval.scoring import Scorer
-  from mashvlm_jax.model.config import ModelConfig
-  from mashvlm_jax.train import sharding
   workdir = run_dir(args.root, arm.name, seed)
   config = run_config(arm, seed, args)
   out = workdir / "tpl"
   if not (out / "summary.json").exists():
     params = common.load_params(config, str(workdir))
-    scorer = Scorer(ModelConfig.from_dict(config.model), params,
-                    registry.load_tokenizer(config).pad_id)
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
-    tpl.run(config, str(config.data.train_split), out, tpl.make_score_fn(scorer, mesh),
-            len(jax.local_devices()), seed=seed, show_progress=False)
+    tpl.run_with_params(config, params, str(config.data.train_split), out, seed=seed,
+                        show_progress=False)
   return out / tpl.TPL_FILE
 
 

@@ -291,6 +291,21 @@ def run(config, split: str, out_dir, score_fn: ScoreFn, devices: int = 1, *,
   return summary
 
 
+def run_with_params(config, params, split: str, out_dir, **kwargs) -> dict:
+  """``run`` with ``params`` scored on every local device (a data-parallel mesh): what
+  ``mashvlm tpl`` and the study harness share. ``kwargs`` go to ``run``."""
+  import jax
+  from mashvlm_jax.data import registry
+  from mashvlm_jax.eval.scoring import Scorer
+  from mashvlm_jax.model.config import ModelConfig
+  from mashvlm_jax.train import sharding
+  scorer = Scorer(ModelConfig.from_dict(config.model), params,
+                  registry.load_tokenizer(config).pad_id)
+  devices = jax.local_devices()
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
+  return run(config, split, out_dir, make_score_fn(scorer, mesh), len(devices), **kwargs)
+
+
 # ------------------------------------------------------------------------------ summary
 
 def _mean(values) -> float:

@@ -38,22 +38,13 @@ def main(argv):
     raise SystemExit("mashvlm tpl: --config, --checkpoint and --out are required, e.g. "
                      "--config=configs/tiny_synthetic.py --checkpoint=workdir/tiny "
                      "--out=workdir/tiny/tpl")
-  import jax
   from mashvlm_jax.analysis import tpl
-  from mashvlm_jax.data import registry
   from mashvlm_jax.eval import common
-  from mashvlm_jax.eval.scoring import Scorer
-  from mashvlm_jax.model.config import ModelConfig
-  from mashvlm_jax.train import sharding
   split = _SPLIT.value or str(config.data.train_split)
   common.claim_out_dir(_OUT.value, _CHECKPOINT.value, _STEP.value, resume=_RESUME.value)
   params = common.load_params(config, _CHECKPOINT.value, _STEP.value)
-  scorer = Scorer(ModelConfig.from_dict(config.model), params,
-                  registry.load_tokenizer(config).pad_id)
-  devices = jax.local_devices()
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
-  summary = tpl.run(config, split, _OUT.value, tpl.make_score_fn(scorer, mesh), len(devices),
-                    keyframe=_KEYFRAME.value, seed=_SEED.value, limit=_LIMIT.value,
-                    batch_size=_BATCH.value, resume=_RESUME.value)
+  summary = tpl.run_with_params(config, params, split, _OUT.value, keyframe=_KEYFRAME.value,
+                                seed=_SEED.value, limit=_LIMIT.value, batch_size=_BATCH.value,
+                                resume=_RESUME.value)
   print(open(summary["files"]["markdown"]).read())
   print(f"rows: {summary['files']['jsonl']}")
