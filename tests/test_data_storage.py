@@ -337,16 +337,21 @@ def test_caption_files_and_pretrain_stage(tmp_path, root):
 @pytest.mark.slow  # compiles and runs the tiny train step (about 25 CPU seconds)
 def test_trainer_logs_read_failures(root, tmp_path):
   """Two tiny train steps over the source set whose 8th record is a truncated video:
-  the skipped visit is in the logged metrics."""
-  from mashvlm_jax.train import trainer
+  the skipped visit is in the logged metrics, saved with the checkpoint, and still counted
+  after a resume (one more step, which reads no bad record; the first batch held it)."""
+  from mashvlm_jax.train import checkpoint, trainer
   config = local_config(root, "source", "cut.json")
   config.model.llm.num_layers = 1
   config.update(total_steps=2, log_every=1, checkpoint_every=2, async_checkpointing=False)
   summary = trainer.train(config, str(tmp_path / "run"))
   assert summary is not None
+  saved = tmp_path / "run" / "checkpoints" / "2" / "data" / "process_0-of-1.json"
+  assert checkpoint.decode_data_counters(saved.read_text()) == {"read_failures": 1}
+  config.update(total_steps=3)
+  trainer.train(config, str(tmp_path / "run"))
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
           .splitlines()]
-  assert [r.get("read_failures", 0) for r in rows if r.get("step") == 2] == [1]
+  assert [(r["step"], r.get("read_failures", 0)) for r in rows] == [(1, 1), (2, 1), (3, 1)]
 
 
 @pytest.mark.slow  # writes two videos and builds and reads them in three formats

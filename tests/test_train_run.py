@@ -103,6 +103,11 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path, data_dir):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from" in out.stderr
 
+  # metrics.jsonl: each step once, in order (lines the killed run logged after its last
+  # checkpoint were dropped on resume, not duplicated)
+  logged = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+  assert logged == list(range(1, steps + 1))
+
   want = {r["step"]: r["batch"] for r in fingerprints(straight)}
   assert sorted(want) == list(range(1, steps + 1))
   seen = fingerprints(killed)
@@ -212,3 +217,19 @@ print("REPORT" + json.dumps(report))
   full, shard = report["q_full"], report["q_shard"]
   assert shard == [full[0], full[1] // 4, full[2] // 2, full[3]]
   assert report["devices"] == 8 and np.isfinite(report["loss"])
+
+
+def test_metrics_lines_after_the_resumed_step_are_dropped(tmp_path):
+  """Hand-written metrics file: steps 1-3, step 4 logged twice before a kill, and a line
+  torn by the kill; resuming from step 3 keeps exactly steps 1-3."""
+  from etils import epath
+  from mashvlm_jax.train import trainer
+  path = epath.Path(tmp_path) / "metrics.jsonl"
+  rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4, 4)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+  trainer.drop_lines_after(path, 3)
+  assert [json.loads(l) for l in path.read_text().splitlines()] == rows[:3]
+  before = path.read_text()
+  trainer.drop_lines_after(path, 3)  # nothing after step 3: the file is left as it is
+  assert path.read_text() == before
+  assert not (epath.Path(tmp_path) / "metrics.jsonl.tmp").exists()

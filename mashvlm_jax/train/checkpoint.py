@@ -68,16 +68,24 @@ class DataStateRestore(ocp.args.CheckpointArgs):
   pass
 
 
-def encode_data_state(state: Any) -> str:
-  """Grain iterator state (dict or bytes) -> JSON text."""
-  if isinstance(state, bytes):
-    return json.dumps({"bytes": state.decode()})
-  return json.dumps({"dict": state})
+def encode_data_state(state: Any, counters: dict | None = None) -> str:
+  """Grain iterator state (dict or bytes), and this process's data counters (such as
+  ``read_failures``: ints that must survive a resume), -> JSON text."""
+  obj = {"bytes": state.decode()} if isinstance(state, bytes) else {"dict": state}
+  if counters:
+    obj["counters"] = {k: int(v) for k, v in counters.items()}
+  return json.dumps(obj)
 
 
 def decode_data_state(text: str) -> Any:
+  """JSON text -> the Grain iterator state."""
   obj = json.loads(text)
   return obj["bytes"].encode() if "bytes" in obj else obj["dict"]
+
+
+def decode_data_counters(text: str) -> dict:
+  """JSON text -> the data counters ({} in checkpoints written before they were saved)."""
+  return dict(json.loads(text).get("counters", {}))
 
 
 class CheckpointSaveError(RuntimeError):
@@ -109,14 +117,15 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_state: Any) -> None:
-    """Starts saving ``state`` and the (already captured) iterator state at ``step``.
+  def save(self, step: int, state, data_state: Any, counters: dict | None = None) -> None:
+    """Starts saving ``state``, the (already captured) iterator state and this process's
+    data counters at ``step``.
 
     Waits for the previous save first and raises ``CheckpointSaveError`` if it failed."""
     self._settle()
     try:
       self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=DataStateSave(encode_data_state(data_state))),
+          state=ocp.args.StandardSave(state), data=DataStateSave(encode_data_state(data_state, counters))),
           force=True)
     except Exception as e:  # noqa: BLE001 (re-raised with the step and directory)
       raise CheckpointSaveError(self._failure(step, e)) from e
@@ -163,6 +172,11 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     data = decode_data_state(out["data"]) if with_data else None
     return out["state"], data
+
+  def restore_counters(self, step: int) -> dict:
+    """This process's data counters saved with ``step`` ({} if it has none)."""
+    out = self.manager.restore(step, args=ocp.args.Composite(data=DataStateRestore()))
+    return decode_data_counters(out["data"])
 
   def reached_preemption(self, step: int) -> bool:
     return bool(self.manager.reached_preemption(step))

@@ -325,6 +325,29 @@ def batch_fingerprint(batch: dict) -> str:
   return h.hexdigest()[:16]
 
 
+def drop_lines_after(path: epath.Path, step: int) -> None:
+  """Removes the lines of the metrics file ``path`` logged after ``step``: a run that
+  stopped between two checkpoints logged steps that its resume repeats, and each step
+  must appear once. The file is replaced in one rename, never left half-written."""
+  if not path.exists():
+    return
+  def logged_at_or_before(line: str) -> bool:
+    try:
+      return json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):  # a line torn by the kill that stopped the run
+      return False
+
+  lines = path.read_text().splitlines(keepends=True)
+  kept = [line for line in lines if line.strip() and logged_at_or_before(line)]
+  if len(kept) == len(lines):
+    return
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text("".join(kept))
+  tmp.replace(path)
+  log.info("%s: dropped %d lines logged after step %d (the run resumes from it)", path,
+           len(lines) - len(kept), step)
+
+
 class MetricsLogger:
   """JSONL + TensorBoard + console progress bar, written by process 0 only."""
 
@@ -338,6 +361,7 @@ class MetricsLogger:
     self.tb = SummaryWriter(str(workdir / "tensorboard"))
     self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                     dynamic_ncols=True)
+    drop_lines_after(self.path, start_step)
     self.file = self.path.open("a")
 
   def write(self, step: int, metrics: dict) -> None:
@@ -440,8 +464,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, data_state = checkpointer.restore(
         latest, with_shardings(setup.abstract_state, setup.state_shardings))
     iterator.set_state(data_state)
+    counters = checkpointer.restore_counters(latest)
     log.info("resumed from %s at step %d", checkpointer.directory, latest)
   else:
+    counters = {}
     state = init_state(setup, int(config.seed))
     if config.get("init_from"):
       state = load_initial_params(config, setup, state, config.init_from)
@@ -472,10 +498,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_metrics: dict = {}
   preempted = False
   window = StepWindow()
-  read_failures = 0  # undecodable records skipped by this process since the (re)start
+  # undecodable records skipped by this process in the whole run (saved with checkpoints)
+  read_failures = int(counters.get("read_failures", 0))
 
   def save(step):
-    checkpointer.save(step, state, iterator.get_state())
+    checkpointer.save(step, state, iterator.get_state(), {"read_failures": read_failures})
 
   try:
     with PreemptionFlag() as flag:
