@@ -87,6 +87,21 @@ REGIME_SETTINGS = {"data.train_negatives": "uniform", "total_steps": 9000}
 REGIME_TAG = "uniformneg+steps9000"
 
 
+# The testbed regime every arm of a study runs under (--regime): its settings are defaults
+# under each arm's own overrides, so stage-1 arms (`mash`, the TPL arms) take them all and
+# fine-tuning arms keep their 500 steps. "readme": the README's main job (typical_prob 0.9,
+# typical-action negatives, 1500 steps). "motion": the settings under which the control
+# reads motion (REGIME_SETTINGS); give each regime its own --root.
+REGIMES = {"readme": {}, "motion": REGIME_SETTINGS}
+
+
+def effective_overrides(arm: Arm, regime: str) -> dict:
+  """The arm's overrides over the regime's settings (what its run is trained with)."""
+  if regime not in REGIMES:
+    raise SystemExit(f"unknown --regime {regime!r}; known: {', '.join(REGIMES)}")
+  return {**REGIMES[regime], **arm.overrides}
+
+
 def _regime_arms() -> list[Arm]:
   arms = []
   for tag, settings, group in (
@@ -260,7 +275,7 @@ def run_config(arm: Arm, seed: int, args):
                                                 ROOT / "configs" / "tiny_synthetic.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  overrides = dict(arm.overrides)
+  overrides = effective_overrides(arm, args.regime)
   config = module.get_config(f"ablation={overrides.pop('ablation', 'mash')}")
   config.seed = seed
   config.data.builder_config = args.builder_config
@@ -288,11 +303,12 @@ def run_dir(root, arm_name: str, seed: int) -> pathlib.Path:
 
 
 def check_finished(arm: Arm, result: dict, path, args) -> dict:
-  """``result`` when it was trained with ``arm``'s overrides (and --steps); otherwise a
-  clear error: a finished run of other settings is never scored as this arm's."""
+  """``result`` when it was trained with ``arm``'s overrides under --regime (and --steps);
+  otherwise a clear error: a finished run of other settings is never scored as this arm's."""
   stored = (result.get("overrides"), result.get("steps"))
   # As the result file holds them: tuples (data.train_tasks) come back as lists.
-  wanted = (json.loads(json.dumps(arm.overrides)), args.steps or result.get("steps"))
+  wanted = (json.loads(json.dumps(effective_overrides(arm, args.regime))),
+            args.steps or result.get("steps"))
   if stored != wanted:
     raise SystemExit(f"{path} holds a run with overrides {stored[0]} and {stored[1]} steps; "
                      f"arm {arm.name} now means {wanted[0]} (steps {wanted[1]}): move the "
@@ -332,8 +348,8 @@ def run_one(arm: Arm, seed: int, args) -> dict:
   scores = evaluate_run(config, summary["state"].params, workdir / "eval", args,
                         arm.benchmarks)
   result = {"arm": arm.name, "seed": seed, "steps": summary["step"],
-            "parent": arm.parent, "overrides": arm.overrides,
-            "train_metrics": summary["metrics"], "train_s": t1 - t0,
+            "parent": arm.parent, "overrides": effective_overrides(arm, args.regime),
+            "regime": args.regime, "train_metrics": summary["metrics"], "train_s": t1 - t0,
             "start_step": start_step,  # > 0: resumed, train_s covers only this segment
             "eval_s": time.perf_counter() - t1, "eval_items": args.eval_items, **scores}
   return write_result(done, result)
@@ -437,8 +453,8 @@ def evaluate_parent(arm: Arm, seed: int, args, done: pathlib.Path) -> dict:
   with common.attention_enhancement(enhancement):
     scores = evaluate_run(config, params, run_dir(args.root, arm.name, seed) / "eval", args)
   result = {"arm": arm.name, "seed": seed, "steps": parent_result["steps"],
-            "parent": parent.name, "overrides": arm.overrides,
-            "eval_options": arm.eval_options, "rve": enhancement.describe(),
+            "parent": parent.name, "overrides": effective_overrides(arm, args.regime),
+            "regime": args.regime, "eval_options": arm.eval_options, "rve": enhancement.describe(),
             "heads_file": str(heads), "train_metrics": parent_result["train_metrics"],
             "train_s": 0.0, "eval_s": time.perf_counter() - t0,
             "eval_items": args.eval_items, **scores}
@@ -598,6 +614,15 @@ def render_tables(arms: list[Arm], results: dict) -> str:
   return "\n\n".join(out)
 
 
+def regime_text(args) -> str:
+  """Words for the document: the regime's settings, when it has any."""
+  settings = REGIMES[args.regime]
+  if not settings:
+    return ""
+  return (f" over the `{args.regime}` regime's settings "
+          f"({', '.join(f'{k}={v}' for k, v in settings.items())}; an arm's own win)")
+
+
 def write_doc(args, arms: list[Arm], seeds: list, results: dict) -> None:
   doc = pathlib.Path(args.doc)
   missing = [f"{a.name}/seed{s}" for s in seeds for a in arms
@@ -633,7 +658,7 @@ per run here; a rerun skips finished runs and resumes an interrupted one):
 JAX_PLATFORMS=cpu {' '.join(args.argv)}
 ```
 
-Every run trains `configs/tiny_synthetic.py` with its arm's overrides (seeds
+Every run trains `configs/tiny_synthetic.py` with its arm's overrides{regime_text(args)} (seeds
 {', '.join(map(str, seeds))}: initialisation and data order) and is scored on the first
 {args.eval_items or 'all'} clips of each synthetic test split: UNSCENE binary duals by
 likelihood (a dual scores only when both its questions are right), the typical-split
@@ -669,6 +694,9 @@ def study_parser(description: str, doc: str, steps: int) -> argparse.ArgumentPar
   parser.add_argument("--builder_config", default="default")
   parser.add_argument("--data_dir", default=os.environ.get("MASHVLM_DATA_DIR", "./data_cache"))
   parser.add_argument("--doc", default=str(ROOT / "docs" / doc))
+  parser.add_argument("--regime", default="readme", choices=sorted(REGIMES),
+                      help="testbed settings under every arm's overrides (REGIMES); one "
+                           "--root per regime")
   parser.add_argument("--render_only", action="store_true",
                       help="rewrite the document from finished runs; train nothing")
   return parser
