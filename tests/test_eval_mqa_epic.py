@@ -12,10 +12,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli
 from test_data_video import write_indexed_mp4
 from test_eval_values import FullForward, read_jsonl, sharpened
+
 from mashvlm_jax.convert import params_io
 from mashvlm_jax.data import annotations, builders, pipeline, recognizer, registry
 from mashvlm_jax.data import tokenizer as tokenizer_lib
@@ -167,8 +167,9 @@ def test_prior_segments_are_the_previous_two_of_the_video_by_start_time(user):
   assert {k: i["position"] for k, i in items.items()} == {
       "P01_01_a": 0, "P01_01_b": 1, "P01_01_c": 2, "P01_01_d": 3, "P01_02_a": 0,
       "P01_02_c": 1, "P01_02_b": 2}
-  gt = lambda clip: mqa_eval.previous_narrations(  # noqa: E731
-      items[clip], "likelihood", "gt", by_id, None)
+
+  def gt(clip):
+    return mqa_eval.previous_narrations(items[clip], "likelihood", "gt", by_id, None)
   assert gt("P01_01_d") == ["wash plate", "open fridge"]  # file order would say b, a
   assert gt("P01_02_b") == ["put cup", "open cup"]
   assert gt("P01_01_b") is None
@@ -204,8 +205,8 @@ def test_verb_and_noun_accuracy_by_hand():
 
 # ------------------------------------------------------------------------------ errors
 
-def test_errors_name_the_split_file_and_clip(user, tmp_path):
-  root, config, _ = user
+def test_errors_name_the_split_file_and_clip(user):
+  _, config, _ = user
   with pytest.raises(ValueError, match="split 'mcq' .* holds no EPIC-KITCHENS segments "
                                        r"\(its items' tasks: \{'mvbench/mcq': 1\}\)"):
     mqa_eval.epic_records(config, ["mcq"])
@@ -272,13 +273,10 @@ def test_eval_mqa_command_on_users_data(user):
     mine = [r for r in rows.values() if r["method"] == method]
     chosen = [None if r["prediction"] is None else r["classes"][r["prediction"]]
               for r in mine]
-    right = lambda same: 100.0 * np.mean([  # noqa: E731
-        c is not None and same(c, r["gt"]) for c, r in zip(chosen, mine)])
-    assert result["accuracy"]["val"][method] == pytest.approx(right(lambda a, b: a == b))
-    assert result["verb_accuracy"]["val"][method] == pytest.approx(
-        right(lambda a, b: a // 1000 == b // 1000))
-    assert result["noun_accuracy"]["val"][method] == pytest.approx(
-        right(lambda a, b: a % 1000 == b % 1000))
+    for metric, part in (("accuracy", lambda c: c), ("verb_accuracy", lambda c: c // 1000),
+                         ("noun_accuracy", lambda c: c % 1000)):
+      marks = [c is not None and part(c) == part(r["gt"]) for c, r in zip(chosen, mine)]
+      assert result[metric]["val"][method] == pytest.approx(100.0 * np.mean(marks))
     assert result["counts"]["val"][method] == 7
   assert "hallucinated_action_rate" not in result and result["splits"] == ["val"]
   assert result["predictions"] == str(root / "predictions.jsonl")

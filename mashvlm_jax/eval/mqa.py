@@ -299,6 +299,17 @@ def predictions_file(config) -> str:
   return paths.local_path(path)
 
 
+def users_items(config, splits, source: str, max_items: int = 0) -> tuple[list[dict], str]:
+  """(the items of the splits' EPIC segments, the predictions file read or "" for random
+  options)."""
+  from mashvlm_jax.data import recognizer
+  ranked_file = predictions_file(config) if source == "recognizer" else ""
+  predictions = (recognizer.read_predictions(ranked_file, num_classes=None)
+                 if ranked_file else None)
+  return epic_item_list(epic_records(config, splits, max_items), source, predictions,
+                        ranked_file), ranked_file
+
+
 # ------------------------------------------------------------------------------ scoring
 
 def score(predictions: list[dict]) -> dict:
@@ -408,13 +419,7 @@ def evaluate(config, params, out_dir, *, source: str = "recognizer", prior: str 
     settings["data"] = registry.builder(config).builder_config.name
   _check_settings(out_dir, settings, resume)
   if users:
-    ranked_file = predictions_file(config) if source == "recognizer" else ""
-    predictions = None
-    if ranked_file:
-      from mashvlm_jax.data import recognizer
-      predictions = recognizer.read_predictions(ranked_file, num_classes=None)
-    todo_items = epic_item_list(epic_records(config, splits, max_items), source,
-                                predictions, ranked_file)
+    todo_items, ranked_file = users_items(config, splits, source, max_items)
     stored = {split: pipeline.make_eval_records(config, split) for split in splits}
   else:
     rankings = synthetic_rankings(config, splits) if source == "recognizer" else None
@@ -424,6 +429,7 @@ def evaluate(config, params, out_dir, *, source: str = "recognizer", prior: str 
     if item["frames"] is not None:
       return item["frames"]
     return stored[item["split"]][item["record_index"]]["frames"]
+
   by_id = {(i["split"], i["id"]): i for i in todo_items}
   log_file = common.PredictionLog(f"{out_dir}/predictions.jsonl", resume)
   prompter = common.Prompter(config)
