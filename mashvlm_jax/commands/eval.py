@@ -11,7 +11,9 @@ Benchmarks:
   synthetic       the synthetic test splits: UNSCENE binary (likelihood) + label probe
   mqa             LLaVAction multiple choice on the synthetic test splits, by likelihood and
                   by generation (--mqa_options=recognizer|random|recognizer,random,
-                  --prior=none|gt|self; eval/mqa.py)
+                  --prior=none|gt|self; eval/mqa.py); on a local_video_qa config the
+                  EPIC-KITCHENS-layout segments of --splits (default data.eval_splits),
+                  options from data.mqa_predictions, action/verb/noun accuracy
   entailment      caption pairs (HACA): P(yes | true caption) > P(yes | contrast caption)
   retrieval       text-to-video retrieval mAP, each clip scored by P(yes | query caption)
 A rerun with the same --out resumes from predictions.jsonl (--noresume starts over); the

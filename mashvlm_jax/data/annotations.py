@@ -438,6 +438,57 @@ def _epic_segment(record) -> dict:
   return out
 
 
+def _epic_where(file, index: int, record) -> str:
+  video = record.get("video", "?") if isinstance(record, dict) else "?"
+  return f"{file} record {index} (video {video})"
+
+
+def epic_segments(records: list, file) -> tuple[dict, list[Failure]]:
+  """({record index: checked segment fields}, failures) of an EPIC-layout file's records
+  (``file`` names them in the failures)."""
+  segments, failures = {}, []
+  for index, record in enumerate(records):
+    try:
+      segments[index] = _epic_segment(record)
+    except RecordError as e:
+      failures.append(Failure(_epic_where(file, index, record), str(e)))
+  return segments, failures
+
+
+def epic_key(segment: dict, file, index: int) -> str:
+  """A segment's clip id: its "id", else "<file stem>/<record index, 6 digits>"."""
+  return segment["id"] or f"{pathlib.Path(file).stem}/{index:06d}"
+
+
+def epic_names(segments: dict) -> dict[int, str]:
+  """{action id: "verb noun"} of the classes ``segments`` name (the words of the first
+  segment of each class, in record order)."""
+  names = {}
+  for seg in segments.values():
+    names.setdefault(seg["action"], f"{seg['verb']} {seg['noun']}")
+  return names
+
+
+def epic_previous(segments: dict) -> dict:
+  """{index: [index two back, index one back] or None} of ``segments`` ({index: fields
+  with "video" and "start"}): the two previous segments of the same video by start time
+  (earlier index on ties); None for a segment with fewer than two."""
+  previous = {}
+  for order in epic_video_order(segments).values():
+    for position, index in enumerate(order):
+      before = order[max(0, position - 2):position]
+      previous[index] = before if len(before) == 2 else None
+  return previous
+
+
+def epic_video_order(segments: dict) -> dict[str, list]:
+  """{video: its segments' indices by start time (earlier index on ties)}."""
+  by_video = collections.defaultdict(list)
+  for index, seg in sorted(segments.items(), key=lambda kv: (kv[1]["start"], kv[0])):
+    by_video[seg["video"]].append(index)
+  return dict(by_video)
+
+
 def epic_items(records: list, file: pathlib.Path, video_root: str,
                predictions: dict | None) -> tuple[list[Item], list[Failure]]:
   """Items and failures of an EPIC-layout file.
@@ -452,32 +503,14 @@ def epic_items(records: list, file: pathlib.Path, video_root: str,
   or with fewer than K nameable ranked classes fails like a malformed one.
   """
   from mashvlm_jax.data.tasks import mqa, mqa_train
-  segments, failures = {}, []
-
-  def where(index, record):
-    video = record.get("video", "?") if isinstance(record, dict) else "?"
-    return f"{file} record {index} (video {video})"
-
-  for index, record in enumerate(records):
-    try:
-      segments[index] = _epic_segment(record)
-    except RecordError as e:
-      failures.append(Failure(where(index, record), str(e)))
-  names = {}
-  for seg in segments.values():
-    names.setdefault(seg["action"], f"{seg['verb']} {seg['noun']}")
-  by_video = collections.defaultdict(list)
-  for index, seg in sorted(segments.items(), key=lambda kv: (kv[1]["start"], kv[0])):
-    by_video[seg["video"]].append(index)
-  previous = {}
-  for order in by_video.values():
-    for position, index in enumerate(order):
-      before = order[max(0, position - 2):position]
-      previous[index] = ([names[segments[i]["action"]] for i in before]
-                         if len(before) == 2 else None)
+  segments, failures = epic_segments(records, file)
+  names = epic_names(segments)
+  previous = {index: None if before is None else [names[segments[i]["action"]]
+                                                  for i in before]
+              for index, before in epic_previous(segments).items()}
   items = []
   for index, seg in segments.items():
-    key = seg["id"] or f"{file.stem}/{index:06d}"
+    key = epic_key(seg, file, index)
     try:
       if predictions is None:
         raise RecordError("EPIC-layout records need a predictions file "
@@ -491,7 +524,7 @@ def epic_items(records: list, file: pathlib.Path, video_root: str,
       row = mqa_train.stored_row(seg["action"], mqa.mqa_options(seg["action"], ranked),
                                  previous[index], names=names)
     except RecordError as e:
-      failures.append(Failure(where(index, records[index]), str(e)))
+      failures.append(Failure(_epic_where(file, index, records[index]), str(e)))
       continue
     path = seg["video"] if os.path.isabs(seg["video"]) else os.path.join(video_root,
                                                                         seg["video"])

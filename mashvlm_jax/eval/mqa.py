@@ -28,6 +28,19 @@ waves.
 Results: accuracy (percent) per split and method, clips per split, and on test_unusual
 the hallucinated-action rate (answers naming the scene's typical action) and the share of
 questions that offer it.
+
+Users' data (a ``local_video_qa`` config, splits default config.data.eval_splits): the
+split's EPIC-layout segments (data/annotations.py) in annotation order (file, record), the
+first ``max_items`` of each split. The annotation files and data.mqa_predictions are read
+again (the stored rows keep neither the ranked order nor the class ids; the data set's
+name stamps both files, so they are the files it was built from): "recognizer" options
+are mqa.mqa_options over the clip's ranked action ids that its file names, "random" the
+ground truth + 4 uniform other classes of its file, each written "verb noun"; shuffled by
+``clip_rng`` as above. Previous segments and the waves' positions: the evaluated segments
+of the same video (and file) by start time (annotations.epic_previous). Results add verb
+and noun accuracy of the chosen option (its class's verb and noun); there is no scene's
+typical action, so the hallucinated-action keys are absent and the report says so.
+Frames are read when their batch comes (a validation split does not fit in memory).
 """
 from __future__ import annotations
 
@@ -57,15 +70,18 @@ def clip_rng(clip_id: str, source: str) -> np.random.Generator:
   return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def clip_options(clip_id: str, gt: int, source: str, ranked=None) -> tuple[list[int], int]:
-  """(the K option classes in the shown order, the ground truth's index) of one clip."""
+def clip_options(clip_id: str, gt: int, source: str, ranked=None,
+                 classes=None) -> tuple[list[int], int]:
+  """(the K option classes in the shown order, the ground truth's index) of one clip;
+  ``classes``: the pool of the random options (default the 64 synthetic classes)."""
   rng = clip_rng(clip_id, source)
   if source == "recognizer":
     if ranked is None:
       raise ValueError(f"clip {clip_id}: recognizer options need its ranked classes")
     options = mqa.mqa_options(gt, ranked)
   elif source == "random":
-    options = mqa.random_options(gt, range(mqa.NUM_CLASSES), mqa.K, rng)
+    pool = range(mqa.NUM_CLASSES) if classes is None else classes
+    options = mqa.random_options(gt, pool, mqa.K, rng)
   else:
     raise ValueError(f"unknown option source {source!r}; known: {OPTION_SOURCES}")
   return mqa.shuffled(options, gt, rng)
@@ -138,6 +154,11 @@ def items(records, source: str, rankings=None) -> list[dict]:
   return out
 
 
+def gt_narration(item: dict) -> str:
+  """The narration of ``item``'s ground truth, as its options write it."""
+  return item["options"][item["answer"]]
+
+
 def previous_narrations(item: dict, method: str, prior: str, by_id: dict,
                         log_file) -> list[str] | None:
   """The prior-action narrations of ``item``'s prompt: None ("none", or fewer than two
@@ -146,7 +167,7 @@ def previous_narrations(item: dict, method: str, prior: str, by_id: dict,
   if prior == "none" or item["previous"] is None:
     return None
   if prior == "gt":
-    return [mqa.narration(by_id[(item["split"], i)]["gt"]) for i in item["previous"]]
+    return [gt_narration(by_id[(item["split"], i)]) for i in item["previous"]]
   out = []
   for clip_id in item["previous"]:
     row = log_file.rows[f"{item['split']}:{clip_id}:{method}"]
@@ -155,6 +176,138 @@ def previous_narrations(item: dict, method: str, prior: str, by_id: dict,
     # prompt then gives the first option it was shown (recorded as "said")
     out.append(row["options"][picked if picked is not None else 0])
   return out
+
+
+# ------------------------------------------------------------------------------ users' data
+
+def is_users_data(config) -> bool:
+  """True for a ``local_video_qa`` config (EPIC-layout segments), False for the synthetic
+  set."""
+  return config.data.name == "local_video_qa"
+
+
+def epic_annotations(config, split: str) -> dict[str, dict]:
+  """{clip id: {"segment" (annotations.epic_segments' fields), "names" ({action id: "verb
+  noun"} of its file), "file", "index" (record index), "order" (position in the split's
+  files)}} of the EPIC-layout records of ``split``'s data.annotations, read as the
+  builder reads them (the data set's name stamps these files, so they are the ones it was
+  built from)."""
+  from mashvlm_jax.data import annotations, registry
+  out = {}
+  for name, path, _ in registry.sources(config):
+    if name != split:
+      continue
+    for file in annotations.json_files(path):
+      try:
+        records = json.loads(file.read_text())
+      except json.JSONDecodeError as e:
+        raise ValueError(f"annotation file {file} is not valid JSON: {e}") from e
+      if not isinstance(records, list) or annotations.file_layout(records) != "epic":
+        continue
+      segments, _ = annotations.epic_segments(records, file)
+      names = annotations.epic_names(segments)
+      for index, segment in segments.items():
+        key = annotations.epic_key(segment, file, index)
+        if key in out:
+          raise ValueError(f"split {split!r}: clip id {key!r} is given by {out[key]['file']} "
+                           f"record {out[key]['index']} and by {file} record {index}")
+        out[key] = {"segment": segment, "names": names, "file": str(file), "index": index,
+                    "order": len(out)}
+  return out
+
+
+def epic_records(config, splits, max_items: int = 0) -> list[tuple[str, int, dict]]:
+  """(split, stored record index, its ``epic_annotations`` entry) of each split's EPIC
+  segments in annotation order (file, record), the first ``max_items`` of each (0 = all).
+  ValueError for a split that holds none or a segment its annotation files lack."""
+  from mashvlm_jax.data import pipeline, registry
+  out = []
+  for split in splits:
+    found = epic_annotations(config, split)
+    source = registry.data_source(config, split)
+    picked, tasks = [], collections.Counter()
+    for index in range(len(source)):
+      record = pipeline.decode_record(source[index])
+      tasks[record["task"]] += 1
+      if record["task"] != "epic":
+        continue
+      if record["id"] not in found:
+        files = [path for name, path, _ in registry.sources(config) if name == split]
+        raise ValueError(f"split {split!r}: stored segment {record['id']!r} is not in its "
+                         f"annotation files {files}: they changed since the build (run "
+                         f"make-data again)")
+      picked.append((found[record["id"]]["order"], index, found[record["id"]]))
+    if not picked:
+      raise ValueError(f"--benchmark=mqa: split {split!r} of {registry.builder(config).name}/"
+                       f"{registry.builder(config).builder_config.name} holds no "
+                       f"EPIC-KITCHENS segments (its items' tasks: {dict(tasks)}); build it "
+                       f"from EPIC-layout annotation files with data.mqa_predictions")
+    picked.sort(key=lambda x: x[0])
+    out += [(split, index, entry) for _, index, entry in
+            (picked[:max_items] if max_items else picked)]
+  return out
+
+
+def epic_item_list(records, source: str, predictions: dict | None = None,
+                   predictions_file: str = "") -> list[dict]:
+  """The items of ``epic_records``' segments (as ``items``): options from the clip's
+  ranked action ids in ``predictions`` that its file names (recognizer) or from its file's
+  classes (random), each option its class's "verb noun"; video position and previous
+  segments among the evaluated segments of the same video and file by start time
+  (annotations.epic_previous)."""
+  from mashvlm_jax.data import annotations
+  groups = collections.defaultdict(dict)  # (split, file) -> {record index: entry}
+  for split, _, entry in records:
+    groups[(split, entry["file"])][entry["index"]] = entry
+  position, previous = {}, {}
+  for (split, file), entries in groups.items():
+    segments = {i: e["segment"] for i, e in entries.items()}
+    for order in annotations.epic_video_order(segments).values():
+      position.update({(file, i): p for p, i in enumerate(order)})
+    for i, before in annotations.epic_previous(segments).items():
+      previous[(file, i)] = None if before is None else [
+          annotations.epic_key(entries[j]["segment"], file, j) for j in before]
+  out = []
+  for split, stored, entry in records:
+    segment, names, file = entry["segment"], entry["names"], entry["file"]
+    key, gt = annotations.epic_key(segment, file, entry["index"]), segment["action"]
+    ranked = None
+    if source == "recognizer":
+      if predictions is None or key not in predictions:
+        raise ValueError(f"{predictions_file}: no prediction for clip {key!r} ({file} record "
+                         f"{entry['index']}, split {split!r})")
+      ranked = [c for c in predictions[key] if c in names]
+      if len(ranked) < mqa.K:
+        raise ValueError(f"{predictions_file}: the prediction of clip {key!r} ranks "
+                         f"{len(ranked)} action ids that {file} names, fewer than K={mqa.K}")
+    classes, index = clip_options(key, gt, source, ranked, classes=sorted(names))
+    out.append({"split": split, "id": key, "kind": "", "scene": "", "gt": gt,
+                "classes": classes, "options": [names[c] for c in classes], "answer": index,
+                "video": segment["video"], "position": position[(file, entry["index"])],
+                "previous": previous[(file, entry["index"])], "frames": None,
+                "record_index": stored})
+  return out
+
+
+def predictions_file(config) -> str:
+  """data.mqa_predictions as an absolute path (ValueError when it is not set)."""
+  from mashvlm_jax import paths
+  path = str(config.data.get("mqa_predictions", "") or "")
+  if not path:
+    raise ValueError("--mqa_options=recognizer on users' data reads the ranked action ids "
+                     "of data.mqa_predictions, which is not set")
+  return paths.local_path(path)
+
+
+def users_items(config, splits, source: str, max_items: int = 0) -> tuple[list[dict], str]:
+  """(the items of the splits' EPIC segments, the predictions file read or "" for random
+  options)."""
+  from mashvlm_jax.data import recognizer
+  ranked_file = predictions_file(config) if source == "recognizer" else ""
+  predictions = (recognizer.read_predictions(ranked_file, num_classes=None)
+                 if ranked_file else None)
+  return epic_item_list(epic_records(config, splits, max_items), source, predictions,
+                        ranked_file), ranked_file
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -200,6 +353,40 @@ def table(result: dict) -> str:
   return text
 
 
+def epic_score(predictions: list[dict]) -> dict:
+  """``score``'s accuracy and counts, and per split and method the verb and noun
+  accuracy (percent) of the chosen option (its class's verb and noun against the ground
+  truth's; no option named = wrong); users' data has no scene's typical action, so no
+  hallucinated-action keys."""
+  from mashvlm_jax.data.annotations import EPIC_NOUNS
+  result = score(predictions)
+  del result["hallucinated_action_rate"], result["typical_offered"]
+  verb, noun = collections.Counter(), collections.Counter()
+  for r in predictions:
+    if r["prediction"] is None:
+      continue
+    said, key = r["classes"][r["prediction"]], (r["split"], r["method"])
+    verb[key] += said // EPIC_NOUNS == r["gt"] // EPIC_NOUNS
+    noun[key] += said % EPIC_NOUNS == r["gt"] % EPIC_NOUNS
+  for name, right in (("verb_accuracy", verb), ("noun_accuracy", noun)):
+    result[name] = {split: {m: 100.0 * right[(split, m)] / n for m, n in by_method.items()}
+                    for split, by_method in result["counts"].items()}
+  return result
+
+
+EPIC_NOTE = ("No hallucinated-action rate: users' data has no scene's typical action "
+             "(the synthetic set's test_unusual measure).")
+
+
+def epic_table(result: dict) -> str:
+  rows = [[split, method, value, result["verb_accuracy"][split][method],
+           result["noun_accuracy"][split][method], result["counts"][split][method]]
+          for split, by_method in result["accuracy"].items()
+          for method, value in by_method.items()]
+  return common.markdown_table(["split", "method", "action accuracy %", "verb %", "noun %",
+                                "clips"], rows) + "\n\n" + EPIC_NOTE
+
+
 def _check_settings(out_dir, settings: dict, resume: bool) -> None:
   """settings.json in ``out_dir``; with ``resume`` a different one is refused."""
   path = pathlib.Path(out_dir) / "settings.json"
@@ -216,19 +403,33 @@ def evaluate(config, params, out_dir, *, source: str = "recognizer", prior: str 
              splits=None, max_items: int = 0, batch_size: int = 8, max_new_tokens: int = 12,
              resume: bool = True, show_progress: bool = True) -> dict:
   """Multiple-choice accuracy with ``source`` options and ``prior`` prompts on ``splits``
-  (default test_typical, test_unusual); writes settings.json, predictions.jsonl and
-  result.{json,md} in ``out_dir``."""
+  (default test_typical, test_unusual; on users' data config.data.eval_splits); writes
+  settings.json, predictions.jsonl and result.{json,md} in ``out_dir``."""
   from mashvlm_jax.eval.generate import Generator, SamplingParams
   from mashvlm_jax.eval.scoring import Scorer
   from mashvlm_jax.model.config import ModelConfig
   if source not in OPTION_SOURCES or prior not in PRIORS:
     raise ValueError(f"options must be one of {OPTION_SOURCES} and prior one of {PRIORS}, "
                      f"found {source!r}, {prior!r}")
-  splits = list(splits or SPLITS)
-  _check_settings(out_dir, {"options": source, "prior": prior, "splits": splits,
-                            "max_items": max_items}, resume)
-  rankings = synthetic_rankings(config, splits) if source == "recognizer" else None
-  todo_items = items(clip_records(config, splits, max_items), source, rankings)
+  users = is_users_data(config)
+  splits = list(splits or (config.data.eval_splits if users else SPLITS))
+  settings = {"options": source, "prior": prior, "splits": splits, "max_items": max_items}
+  if users:  # the data set's name stamps its annotation and predictions files
+    from mashvlm_jax.data import pipeline, registry
+    settings["data"] = registry.builder(config).builder_config.name
+  _check_settings(out_dir, settings, resume)
+  if users:
+    todo_items, ranked_file = users_items(config, splits, source, max_items)
+    stored = {split: pipeline.make_eval_records(config, split) for split in splits}
+  else:
+    rankings = synthetic_rankings(config, splits) if source == "recognizer" else None
+    todo_items = items(clip_records(config, splits, max_items), source, rankings)
+
+  def frames_of(item):  # users' segments are read when their batch comes
+    if item["frames"] is not None:
+      return item["frames"]
+    return stored[item["split"]][item["record_index"]]["frames"]
+
   by_id = {(i["split"], i["id"]): i for i in todo_items}
   log_file = common.PredictionLog(f"{out_dir}/predictions.jsonl", resume)
   prompter = common.Prompter(config)
@@ -252,7 +453,7 @@ def evaluate(config, params, out_dir, *, source: str = "recognizer", prior: str 
               for item in chunk if f"{item['split']}:{item['id']}:{method}" not in log_file]
       if not work:
         continue
-      frames = np.stack([item["frames"] for item, _ in work])
+      frames = np.stack([frames_of(item) for item, _ in work])
       questions = [mqa.question(item["options"], previous) for item, previous in work]
       prompts = [prompter(q) for q in questions]
       if method == "likelihood":
@@ -296,6 +497,13 @@ def evaluate(config, params, out_dir, *, source: str = "recognizer", prior: str 
     finally:
       if bar:
         bar.close()
+  if users:
+    result = epic_score(log_file.values())
+    result.update(options=source, prior=prior, splits=splits, max_items=max_items,
+                  recognizer=None, predictions=ranked_file or None, data=settings["data"],
+                  note=EPIC_NOTE)
+    result["files"] = common.write_result(out_dir, result, epic_table(result))
+    return result
   result = score(log_file.values())
   result.update(options=source, prior=prior, splits=splits, max_items=max_items,
                 recognizer=RECOGNIZER if source == "recognizer" else None)
