@@ -11,12 +11,13 @@ all local devices. ``data.row_filter`` then trains on the rows with the highest 
 
 On a pod every host runs the same command with the multi-host flags of ``mashvlm train``
 (mashvlm_jax/distributed.py), e.g. on every worker of a Cloud TPU slice
-``mashvlm tpl --config=configs/NAME.py --checkpoint=gs://bucket/run --out=/shared/tpl
+``mashvlm tpl --config=configs/NAME.py --checkpoint=/ckpt/run --out=/shared/tpl
 --distributed=auto`` (or ``--distributed=explicit --coordinator_address=HOST:PORT
---num_processes=N --process_id=I``). ``--out`` must be one directory all hosts share (a
-network file system). Host i scores records i, i + N, ... on its own chips into
-tpl.process_<i>-of-<N>.jsonl; host 0 then merges them into tpl.jsonl (record order) and
-writes the summary. A rerun resumes, also with another host count.
+--num_processes=N --process_id=I``). ``--checkpoint`` is a local path on every host (a
+copy each, or a shared mount); ``--out`` is one directory all hosts share (NFS). Host i
+scores records i, i + N, ... on its own chips into tpl.process_<i>-of-<N>.jsonl; host 0
+then merges them into tpl.jsonl (record order) and writes the summary. A rerun resumes,
+also with another host count.
 """
 from __future__ import annotations
 
