@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
   # absl's --help prints the __main__ module's docstring and the flags of the module it
   # takes for main (sys.argv[0]): show the command's own.
   sys.modules["__main__"].__doc__ = module.__doc__
-  for flag in flags.FLAGS.get_flags_for_module(module.__name__):
+  # key flags: its own and those it adopts (mashvlm_jax/distributed.py's multi-host flags)
+  for flag in flags.FLAGS.get_key_flags_for_module(module.__name__):
     flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
   try:
     app.run(_with_resolved_paths(module.main), argv=[f"mashvlm {command}"] + argv[2:])

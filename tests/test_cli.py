@@ -78,6 +78,16 @@ def test_every_command_help_shows_its_summary_and_flags(helps):
       assert f"--{name}:" in out.stdout or f"--[no]{name}:" in out.stdout, (command, name)
 
 
+def test_multi_host_commands_help_shows_the_shared_distributed_flags(helps):
+  """train and tpl adopt mashvlm_jax/distributed.py's flags: their --help lists them."""
+  shared = defined_flags(ROOT / "mashvlm_jax" / "distributed.py")
+  assert {"distributed", "coordinator_address", "num_processes", "process_id"} <= shared
+  for command in ("train", "tpl"):
+    for name in shared:
+      assert f"--{name}:" in helps[command].stdout, (command, name)
+  assert "--distributed:" not in helps["eval"].stdout
+
+
 def test_every_command_help_exits_0(helps):
   failed = {command: out.returncode for command, out in helps.items() if out.returncode}
   assert not failed, failed

@@ -19,6 +19,14 @@ index among its own C clips (``pack_clips``).
 ``run`` writes, in ``out_dir``: tpl.jsonl (one line per QA row; resumable: rows already
 there are skipped, a torn last line is dropped), summary.md and summary.json (mean TPL per
 task and kind, tertile cut points per task) and tpl_<task>.png (histogram per task).
+
+Multi-host (``process_count`` > 1, a ``jax.distributed`` run): process i scores records
+i, i + n, i + 2n, ... of the split on its own local devices (a local mesh: scoring needs
+no communication between hosts) and appends its rows to its own part file
+tpl.process_<i>-of-<n>.jsonl (its resume state); after a barrier process 0 merges every
+part (and the rows of earlier runs) into tpl.jsonl in (record index, QA row) order and
+writes the summary. A rerun with another process count reuses the rows already scored:
+each process skips the rows of its share that tpl.jsonl or the parts of other counts hold.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ log = logging.getLogger("mashvlm.tpl")
 KEYFRAME_MODES = ("random", "first", "middle", "last")
 TPL_FILE = "tpl.jsonl"
 SETTINGS_FILE = "tpl_settings.json"
+PART_FILE = re.compile(r"tpl\.process_(\d+)-of-(\d+)\.jsonl")
 
 
 # ------------------------------------------------------------------------------ the score
@@ -224,16 +233,22 @@ def claim_settings(out_dir, settings: dict, resume: bool) -> None:
       raise ValueError(f"{out_dir} holds TPL rows scored with other settings "
                        f"(field: stored vs now) {diff}; give another --out or --noresume")
     return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(settings, sort_keys=True) + "\n")
+  from mashvlm_jax.eval import common
+  common.write_text_atomic(path, json.dumps(settings, sort_keys=True) + "\n")
 
 
 def run(config, split: str, out_dir, score_fn: ScoreFn, devices: int = 1, *,
         keyframe: str = "random", seed: int = 0, limit: int = 0, batch_size: int = 8,
-        resume: bool = True, show_progress: bool = True) -> dict:
+        resume: bool = True, show_progress: bool = True, process_index: int = 0,
+        process_count: int = 1, barrier: Callable[[str], None] | None = None) -> dict:
   """Scores every QA row of the first ``limit`` records (0 = all) of ``split``, in
   ``batch_size`` clips per batch over ``devices``; writes the files of the module
-  docstring; returns the summary with "files"."""
+  docstring; returns the summary with "files".
+
+  With ``process_count`` > 1 only the share of ``process_index`` (``process_share``) is
+  scored, into its part file; ``barrier(name)`` (multihost_utils.sync_global_devices)
+  then waits for every process, and process 0 merges and summarises. The other processes
+  return {"rows": rows in their part, "process": index, "files": {"part": path}}."""
   from mashvlm_jax.data import chat, pipeline, registry
   from mashvlm_jax.eval import common
   if keyframe not in KEYFRAME_MODES:
@@ -242,12 +257,20 @@ def run(config, split: str, out_dir, score_fn: ScoreFn, devices: int = 1, *,
   tok = registry.load_tokenizer(config)
   template = chat.ChatTemplate(**dict(config.data.template))
   text_len, num_frames = int(config.data.text_len), int(config.model.num_frames)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
   claim_settings(out_dir, dict(split=split, keyframe=keyframe, seed=int(seed),
                                text_len=text_len, num_frames=num_frames), resume)
-  log_file = common.PredictionLog(out_dir / TPL_FILE, resume)
+  if not resume and process_index == 0:
+    remove_other_runs(out_dir, process_count)
+  own_path = out_dir / (TPL_FILE if process_count == 1 else part_name(process_index,
+                                                                      process_count))
+  log_file = common.PredictionLog(own_path, resume)
+  earlier = scored_elsewhere(out_dir, process_count) if resume else set()
   records = pipeline.make_eval_records(config, split)
   count = min(limit, len(records)) if limit else len(records)
-  bar = common.progress(count, f"tpl {split}") if show_progress else None
+  share = process_share(count, process_index, process_count)
+  bar = common.progress(len(share), f"tpl {split}") if show_progress else None
   pending = []
 
   def flush():
@@ -261,10 +284,11 @@ def run(config, split: str, out_dir, score_fn: ScoreFn, devices: int = 1, *,
     pending.clear()
 
   try:
-    for index in range(count):
+    for index in share:
       record = records[index]
       todo = [k for k in range(len(record["qa"]))
-              if row_key(split, record["id"], k) not in log_file]
+              if row_key(split, record["id"], k) not in log_file and
+              row_key(split, record["id"], k) not in earlier]
       if not todo:
         if bar:
           bar.update(1)
@@ -285,10 +309,97 @@ def run(config, split: str, out_dir, score_fn: ScoreFn, devices: int = 1, *,
   finally:
     if bar:
       bar.close()
-  summary = summarize(log_file.values())
+  if process_count > 1:
+    (barrier or (lambda name: None))("mashvlm tpl: every share scored")
+    if process_index != 0:
+      return {"rows": len(log_file.values()), "process": process_index,
+              "files": {"part": str(own_path)}}
+  rows = log_file.values()
+  if process_count > 1 or part_files(out_dir):
+    rows = merge_parts(out_dir, process_count)
+  summary = summarize(rows)
   summary.update(split=split, keyframe=keyframe, seed=int(seed), records=count)
-  summary["files"] = write_summary(out_dir, summary, log_file.values())
+  summary["files"] = write_summary(out_dir, summary, rows)
   return summary
+
+
+# ------------------------------------------------------------------------------ many hosts
+
+def process_share(count: int, process_index: int, process_count: int) -> range:
+  """The record indices process ``process_index`` of ``process_count`` scores among the
+  first ``count``: every ``process_count``-th from its own index (as pipeline.shard)."""
+  return range(process_index, count, process_count)
+
+
+def part_name(process_index: int, process_count: int) -> str:
+  """The part file of one process: tpl.process_<i>-of-<n>.jsonl."""
+  return f"tpl.process_{process_index}-of-{process_count}.jsonl"
+
+
+def part_files(out_dir) -> list[tuple[int, int, pathlib.Path]]:
+  """(process count, process index, path) of every part file in ``out_dir``, sorted."""
+  found = []
+  for path in pathlib.Path(out_dir).glob("tpl.process_*-of-*.jsonl"):
+    match = PART_FILE.fullmatch(path.name)
+    if match:
+      found.append((int(match[2]), int(match[1]), path))
+  return sorted(found)
+
+
+def read_rows(path) -> list[dict]:
+  """The rows of a TPL JSONL file ([] when missing); undecodable (torn) lines are
+  skipped, as PredictionLog skips them."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
+
+
+def scored_elsewhere(out_dir, process_count: int) -> set[str]:
+  """Keys of the rows earlier runs with another process count left in ``out_dir``: the
+  parts of other counts, and tpl.jsonl unless it is this (single) process's own log. A
+  process never reads the parts of its own run's other processes (their records are
+  not its own), so what it skips does not depend on their progress."""
+  out_dir = pathlib.Path(out_dir)
+  paths = [path for n, _, path in part_files(out_dir) if n != process_count]
+  if process_count > 1:
+    paths.append(out_dir / TPL_FILE)
+  return {row["key"] for path in paths for row in read_rows(path)}
+
+
+def remove_other_runs(out_dir, process_count: int) -> None:
+  """--noresume on process 0: removes the rows of runs with other process counts (each
+  process removes its own part itself, PredictionLog(resume=False))."""
+  out_dir = pathlib.Path(out_dir)
+  for n, _, path in part_files(out_dir):
+    if n != process_count:
+      path.unlink(missing_ok=True)
+  if process_count > 1:
+    (out_dir / TPL_FILE).unlink(missing_ok=True)
+
+
+def merge_parts(out_dir, process_count: int) -> list[dict]:
+  """Every row of tpl.jsonl and the part files in ``out_dir``, one per key (the newest
+  source wins: tpl.jsonl, parts of other counts, then this run's own), in (record index,
+  QA row) order, written to tpl.jsonl at once (a reader never sees half of it)."""
+  from mashvlm_jax.eval import common
+  out_dir = pathlib.Path(out_dir)
+  parts = part_files(out_dir)
+  merged = out_dir / TPL_FILE
+  sources = [path for n, _, path in parts if n != process_count]
+  own = [path for n, _, path in parts if n == process_count]
+  sources = ([merged] + sources + own) if process_count > 1 else (sources + [merged])
+  by_key = {row["key"]: row for path in sources for row in read_rows(path)}
+  rows = sorted(by_key.values(), key=lambda r: (r["index"], r["qa"]))
+  common.write_text_atomic(merged, "".join(json.dumps(r) + "\n" for r in rows))
+  log.info("merged %d rows of %d part files into %s", len(rows), len(parts), merged)
+  return rows
 
 
 def run_with_params(config, params, split: str, out_dir, **kwargs) -> dict:
@@ -299,11 +410,37 @@ def run_with_params(config, params, split: str, out_dir, **kwargs) -> dict:
   from mashvlm_jax.eval.scoring import Scorer
   from mashvlm_jax.model.config import ModelConfig
   from mashvlm_jax.train import sharding
+  if jax.process_count() > 1:  # each process scores its share on its own devices
+    from jax.experimental import multihost_utils
+    params = host_params(params)
+    kwargs = dict(kwargs, process_index=jax.process_index(),
+                  process_count=jax.process_count(),
+                  barrier=multihost_utils.sync_global_devices)
   scorer = Scorer(ModelConfig.from_dict(config.model), params,
                   registry.load_tokenizer(config).pad_id)
   devices = jax.local_devices()
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
   return run(config, split, out_dir, make_score_fn(scorer, mesh), len(devices), **kwargs)
+
+
+def host_params(params):
+  """``params`` whole on this process, for a mesh of its local devices: a jax.Array
+  replicated over every host's devices becomes its local copy, one sharded over other
+  hosts' devices (a trainer checkpoint restored onto an fsdp mesh) is gathered into host
+  memory (numpy); other leaves are kept. A collective: every process calls it."""
+  import jax
+  from jax.experimental import multihost_utils
+  leaves, tree = jax.tree.flatten(params)
+  spread = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and
+            not x.is_fully_addressable and not x.is_fully_replicated]
+  gathered = multihost_utils.process_allgather([leaves[i] for i in spread], tiled=True)
+  for i, value in zip(spread, gathered):
+    leaves[i] = np.asarray(value)
+  log.info("parameters: gathered %d of %d arrays sharded over other processes' devices",
+           len(spread), len(leaves))
+  leaves = [x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable
+            else x for x in leaves]
+  return jax.tree.unflatten(tree, leaves)
 
 
 # ------------------------------------------------------------------------------ summary

@@ -8,13 +8,23 @@ answer token (mashvlm_jax/analysis/tpl.py). DIR is a trainer workdir, its
 tpl.jsonl, summary.md, summary.json and one histogram PNG per task in --out; a rerun with
 the same --out resumes (rows already in tpl.jsonl are skipped). Batches are split over
 all local devices. ``data.row_filter`` then trains on the rows with the highest TPL.
+
+On a pod every host runs the same command with the multi-host flags of ``mashvlm train``
+(mashvlm_jax/distributed.py), e.g. on every worker of a Cloud TPU slice
+``mashvlm tpl --config=configs/NAME.py --checkpoint=/ckpt/run --out=/shared/tpl
+--distributed=auto`` (or ``--distributed=explicit --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I``). ``--checkpoint`` is a local path on every host (a
+copy each, or a shared mount); ``--out`` is one directory all hosts share (NFS). Host i
+scores records i, i + N, ... on its own chips into tpl.process_<i>-of-<N>.jsonl; host 0
+then merges them into tpl.jsonl (record order) and writes the summary. A rerun resumes,
+also with another host count.
 """
 from __future__ import annotations
 
 from absl import flags
 from ml_collections import config_flags
 
-from mashvlm_jax import paths
+from mashvlm_jax import distributed, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
                                 lock_config=True)
@@ -28,7 +38,9 @@ _KEYFRAME = flags.DEFINE_enum("keyframe", "random", ["random", "first", "middle"
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random keyframes.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Records of the split to score (0 = all).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Videos per batch (over all devices).")
-_RESUME = flags.DEFINE_bool("resume", True, "Skip rows already in tpl.jsonl.")
+_RESUME = flags.DEFINE_bool("resume", True, "Skip rows already in tpl.jsonl (or the part "
+                            "files of a multi-host run).")
+flags.adopt_module_key_flags(distributed)  # --distributed, --coordinator_address, ...
 
 
 def main(argv):
@@ -38,6 +50,8 @@ def main(argv):
     raise SystemExit("mashvlm tpl: --config, --checkpoint and --out are required, e.g. "
                      "--config=configs/tiny_synthetic.py --checkpoint=workdir/tiny "
                      "--out=workdir/tiny/tpl")
+  distributed.initialize("tpl")
+  import jax
   from mashvlm_jax.analysis import tpl
   from mashvlm_jax.eval import common
   split = _SPLIT.value or str(config.data.train_split)
@@ -46,5 +60,9 @@ def main(argv):
   summary = tpl.run_with_params(config, params, split, _OUT.value, keyframe=_KEYFRAME.value,
                                 seed=_SEED.value, limit=_LIMIT.value, batch_size=_BATCH.value,
                                 resume=_RESUME.value)
+  if jax.process_index() != 0:
+    print(f"process {jax.process_index()}: {summary['rows']} rows in "
+          f"{summary['files']['part']}; process 0 merges them into tpl.jsonl")
+    return
   print(open(summary["files"]["markdown"]).read())
   print(f"rows: {summary['files']['jsonl']}")

@@ -4,7 +4,8 @@
 Multi-host: every process runs the same command; ``jax.distributed`` is initialised from
 ``--coordinator_address/--num_processes/--process_id``, or from the environment
 (``MASHVLM_COORDINATOR_ADDRESS``, ``MASHVLM_NUM_PROCESSES``, ``MASHVLM_PROCESS_ID``), or
-by JAX's own cluster detection on TPU pods with ``--distributed=auto``.
+by JAX's own cluster detection on TPU pods with ``--distributed=auto``
+(mashvlm_jax/distributed.py, shared with ``mashvlm tpl``).
 """
 from __future__ import annotations
 
@@ -15,49 +16,17 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from mashvlm_jax import paths
+from mashvlm_jax import distributed, paths
 from mashvlm_jax.train import cpu_tuning
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny_synthetic.py",
                                 lock_config=True)
 _WORKDIR = paths.DEFINE_path("workdir", None, "Where checkpoints, metrics and plots go.")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
-                                 "jax.distributed: off, auto (TPU/cluster detection), or "
-                                 "explicit (coordinator flags or environment).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo",
-                                       "Collectives for multi-process CPU runs.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_freed_host_memory", True,
     "When training on the CPU, make glibc keep freed memory for the next step instead of "
     "unmapping it (train/cpu_tuning.py: no per-step page faults; keeps the peak heap).")
-
-
-def initialize_distributed() -> None:
-  """Initialises jax.distributed per the flags/environment; no-op when off."""
-  import jax
-  env = os.environ
-  address = _COORDINATOR.value or env.get("MASHVLM_COORDINATOR_ADDRESS")
-  mode = _DISTRIBUTED.value
-  if mode == "off" and address:
-    mode = "explicit"
-  if mode == "off":
-    return
-  if mode == "auto":
-    jax.distributed.initialize()
-    return
-  num = _NUM_PROCESSES.value or env.get("MASHVLM_NUM_PROCESSES")
-  pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else env.get("MASHVLM_PROCESS_ID")
-  if not address or num is None or pid is None:
-    raise SystemExit("mashvlm train: explicit distributed mode needs --coordinator_address, "
-                     "--num_processes and --process_id (or MASHVLM_COORDINATOR_ADDRESS, "
-                     "MASHVLM_NUM_PROCESSES, MASHVLM_PROCESS_ID)")
-  if jax.config.jax_platforms in ("cpu",) or env.get("JAX_PLATFORMS") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
-  jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
-                             process_id=int(pid))
+flags.adopt_module_key_flags(distributed)  # --distributed, --coordinator_address, ...
 
 
 def main(argv):
@@ -71,7 +40,7 @@ def main(argv):
       cpu_tuning.keep_freed_host_memory():
     logging.getLogger("mashvlm").info("CPU training: glibc keeps freed host memory "
                                       "(--nokeep_freed_host_memory to turn off)")
-  initialize_distributed()
+  distributed.initialize("train")
   import jax
   # Persistent XLA cache: resumed and repeated runs skip recompiling the train step.
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
