@@ -163,6 +163,7 @@ def trainer_workdir(config, params, workdir):
       json.dumps(registry.vocabulary_record(config)) + "\n")
 
 
+@pytest.mark.slow  # two jax.distributed processes over gloo (about 60 s on 2 cores)
 def test_two_processes_score_a_sharded_checkpoint_like_one(bench, tmp_path):
   """The checkpoint is restored onto --config.mesh.fsdp=2, one device per process: its
   parameters are sharded over both processes and each must gather them."""
