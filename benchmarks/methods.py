@@ -206,6 +206,16 @@ def _utr_arms() -> list[Arm]:
                     tpl_from="mash", reference="mash@tpl-bottom" if rule == "top" else "mash",
                     group=group, about=f"`mash` from scratch on the {rule} third of the "
                                        f"training rows by the stage-1 `mash` run's TPL"))
+  # The same thirds taken within each task type (TPL compares within a type: the tiled
+  # keyframe reads as an empty scene, so across types the cut selects tasks, not rows).
+  for rule in ("top", "bottom"):
+    arms.append(Arm(f"mash@tpl-{rule}-pertask",
+                    {"ablation": "mash", "data.row_filter.rule": rule,
+                     "data.row_filter.per_task": True},
+                    tpl_from="mash", reference=("mash@tpl-bottom-pertask" if rule == "top"
+                                                else "mash"),
+                    group=group, about=f"`mash` from scratch on the {rule} third by TPL "
+                                       f"within each task type"))
   return arms
 
 
