@@ -82,13 +82,16 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, 
   # A periodic save failing in the background (due at 6 and 8; the one at 6 fails), then
   # a final save (step 5) failing in the training thread.
   for steps, every, failing, how in ((8, 2, 6, "file_limit"), (5, 100, 5, "read_only")):
-    earlier = len(logged_steps(workdir))
     out = train_failing(workdir, data_dir, steps, every, how)
     assert out.returncode != 0, f"{how}: the run went on although nothing was saved"
     assert (f"step {failing} in {workdir / 'checkpoints'} failed" in out.stderr
             and "last good checkpoint is step 4" in out.stderr), out.stderr[-3000:]
-    # stopped at once: at the latest one step after the failed save
-    this_run = logged_steps(workdir)[earlier:]
+    # stopped at once: at the latest one step after the failed save. Each run resumed from
+    # step 4 (dropping the lines a failed run logged after it), so its own lines are those
+    # after step 4.
+    logged = logged_steps(workdir)
+    this_run = [step for step in logged if step > 4]
+    assert logged[:4] == [1, 2, 3, 4] and this_run == list(range(5, 5 + len(this_run)))
     assert this_run and max(this_run) <= failing + 1, (how, this_run)
     assert checkpoint_steps(workdir) == [2, 4]
     assert tree_digest(workdir / "checkpoints" / "4") == before
