@@ -124,9 +124,9 @@ class Checkpointer:
     Waits for the previous save first and raises ``CheckpointSaveError`` if it failed."""
     self._settle()
     try:
+      data = DataStateSave(encode_data_state(data_state, counters))
       self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=DataStateSave(encode_data_state(data_state, counters))),
-          force=True)
+          state=ocp.args.StandardSave(state), data=data), force=True)
     except Exception as e:  # noqa: BLE001 (re-raised with the step and directory)
       raise CheckpointSaveError(self._failure(step, e)) from e
     self._pending = step

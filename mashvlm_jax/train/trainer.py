@@ -331,6 +331,7 @@ def drop_lines_after(path: epath.Path, step: int) -> None:
   must appear once. The file is replaced in one rename, never left half-written."""
   if not path.exists():
     return
+
   def logged_at_or_before(line: str) -> bool:
     try:
       return json.loads(line)["step"] <= step
