@@ -2,7 +2,6 @@
 likelihood choices and greedy answers against a full forward of a tiny random model,
 prior prompts from the ground truth or the method's own earlier answers, resume, the
 result table from the predictions, and the command end to end (slow)."""
-import collections
 import json
 import os
 import subprocess
