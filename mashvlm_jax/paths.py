@@ -9,8 +9,11 @@ path. Orbax, for one, refuses relative checkpoint paths (in a background thread)
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import sys
+import tempfile
+from typing import Callable
 
 from absl import flags
 
@@ -31,6 +34,29 @@ def local_path(path):
   if path is None or path == "" or is_url(path):
     return path
   return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def write_atomically(path, write: Callable[[str], None]) -> None:
+  """Writes the local file ``path`` by ``write(tmp)`` into a temporary file of its own in
+  the same directory, then a rename: a reader (another host of a multi-host run) sees the
+  old file or the new one, never a part, and processes writing the same path at once each
+  rename a whole file. A failed write leaves ``path`` as it was and no temporary file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    write(tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_text_atomic(path, text: str) -> None:
+  """``text`` written to the local file ``path`` by ``write_atomically``."""
+  write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def _annotation_entry(entry):

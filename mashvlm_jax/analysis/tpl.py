@@ -40,6 +40,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mashvlm_jax import paths
+
 log = logging.getLogger("mashvlm.tpl")
 
 KEYFRAME_MODES = ("random", "first", "middle", "last")
@@ -233,8 +235,7 @@ def claim_settings(out_dir, settings: dict, resume: bool) -> None:
       raise ValueError(f"{out_dir} holds TPL rows scored with other settings "
                        f"(field: stored vs now) {diff}; give another --out or --noresume")
     return
-  from mashvlm_jax.eval import common
-  common.write_text_atomic(path, json.dumps(settings, sort_keys=True) + "\n")
+  paths.write_text_atomic(path, json.dumps(settings, sort_keys=True) + "\n")
 
 
 def run(config, split: str, out_dir, score_fn: ScoreFn, devices: int = 1, *,
@@ -367,10 +368,10 @@ def scored_elsewhere(out_dir, process_count: int) -> set[str]:
   process never reads the parts of its own run's other processes (their records are
   not its own), so what it skips does not depend on their progress."""
   out_dir = pathlib.Path(out_dir)
-  paths = [path for n, _, path in part_files(out_dir) if n != process_count]
+  files = [path for n, _, path in part_files(out_dir) if n != process_count]
   if process_count > 1:
-    paths.append(out_dir / TPL_FILE)
-  return {row["key"] for path in paths for row in read_rows(path)}
+    files.append(out_dir / TPL_FILE)
+  return {row["key"] for path in files for row in read_rows(path)}
 
 
 def remove_other_runs(out_dir, process_count: int) -> None:
@@ -388,7 +389,6 @@ def merge_parts(out_dir, process_count: int) -> list[dict]:
   """Every row of tpl.jsonl and the part files in ``out_dir``, one per key (the newest
   source wins: tpl.jsonl, parts of other counts, then this run's own), in (record index,
   QA row) order, written to tpl.jsonl at once (a reader never sees half of it)."""
-  from mashvlm_jax.eval import common
   out_dir = pathlib.Path(out_dir)
   parts = part_files(out_dir)
   merged = out_dir / TPL_FILE
@@ -397,7 +397,7 @@ def merge_parts(out_dir, process_count: int) -> list[dict]:
   sources = ([merged] + sources + own) if process_count > 1 else (sources + [merged])
   by_key = {row["key"]: row for path in sources for row in read_rows(path)}
   rows = sorted(by_key.values(), key=lambda r: (r["index"], r["qa"]))
-  common.write_text_atomic(merged, "".join(json.dumps(r) + "\n" for r in rows))
+  paths.write_text_atomic(merged, "".join(json.dumps(r) + "\n" for r in rows))
   log.info("merged %d rows of %d part files into %s", len(rows), len(parts), merged)
   return rows
 

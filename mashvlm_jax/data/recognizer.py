@@ -36,12 +36,12 @@ import argparse
 import dataclasses
 import json
 import os
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from mashvlm_jax import paths
 from mashvlm_jax.data import synthetic
 from mashvlm_jax.data.tasks import mqa
 
@@ -325,14 +325,9 @@ def synthetic_predictions(model: Recognizer, data: SyntheticSet, split: str,
 def write_predictions(path: str | os.PathLike, predictions: dict[str, Sequence[int]]) -> None:
   """Writes {clip id: ranked class ids} as JSON lines {"id", "ranked"}, in id order, via a
   temporary file and a rename."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "w") as f:
-    for clip_id in sorted(predictions):
-      f.write(json.dumps({"id": clip_id, "ranked": [int(c) for c in predictions[clip_id]]})
-              + "\n")
-  os.replace(tmp, path)
+  paths.write_text_atomic(path, "".join(
+      json.dumps({"id": clip_id, "ranked": [int(c) for c in predictions[clip_id]]}) + "\n"
+      for clip_id in sorted(predictions)))
 
 
 def read_predictions(path: str | os.PathLike, num_classes: int | None = mqa.NUM_CLASSES,

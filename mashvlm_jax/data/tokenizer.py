@@ -14,9 +14,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import pathlib
-import tempfile
 from typing import Iterable
+
+from mashvlm_jax import paths
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 MASK = "[MASK]"  # one token in every kind (HACA masking rows, data/tasks/haca.py)
@@ -191,14 +191,4 @@ def build_word_tokenizer(texts: Iterable[str]):
 
 def save_atomic(tok, path: str | os.PathLike) -> None:
   """Writes a ``tokenizers.Tokenizer`` to ``path`` via a temporary file and a rename."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    tok.save(tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  paths.write_atomically(path, tok.save)

@@ -13,6 +13,8 @@ from typing import Iterable
 
 import numpy as np
 
+from mashvlm_jax import paths
+
 log = logging.getLogger("mashvlm.eval")
 
 
@@ -81,26 +83,7 @@ def claim_out_dir(out_dir, checkpoint, step: int | None, resume: bool = True,
                        f"another --out (or remove it) rather than mix their predictions")
     return
   out_dir.mkdir(parents=True, exist_ok=True)
-  write_text_atomic(path, json.dumps(record) + "\n")
-
-
-def write_text_atomic(path, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file of its own in the same directory
-  and a rename: a reader (another host of a multi-host run) sees the old file or the new
-  one, never a part; processes writing the same path at once each rename a whole file."""
-  import os
-  import tempfile
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  paths.write_text_atomic(path, json.dumps(record) + "\n")
 
 
 def load_params(config, path, step: int | None = None):
@@ -128,7 +111,7 @@ def load_params(config, path, step: int | None = None):
       raise FileNotFoundError(f"no checkpoint under {directory}")
     setup = trainer.build(config)
     abstract = trainer.with_shardings(setup.abstract_state, setup.state_shardings)
-    state, _ = checkpointer.restore(step, abstract, with_data=False)
+    state, _, _ = checkpointer.restore(step, abstract, with_data=False)
   finally:
     checkpointer.close()
   log.info("restored step %d from %s", step, directory)
