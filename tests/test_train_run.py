@@ -65,8 +65,8 @@ config = load_config("tiny_synthetic")
 config.data.batch_size = 4
 setup = trainer.build(config)
 ck = checkpoint.Checkpointer({str(workdir / 'checkpoints')!r}, use_async=False)
-state, _ = ck.restore({step}, trainer.with_shardings(setup.abstract_state, setup.state_shardings),
-                      with_data=False)
+state, _, _ = ck.restore(
+    {step}, trainer.with_shardings(setup.abstract_state, setup.state_shardings), with_data=False)
 flat = {{jax.tree_util.keystr(k): np.asarray(v) for k, v in
         jax.tree_util.tree_leaves_with_path(state.params)}}
 np.savez({str(workdir / f'params_{step}.npz')!r}, **flat)

@@ -165,18 +165,15 @@ class Checkpointer:
             f"The last good checkpoint is step {good}; earlier checkpoints are intact.")
 
   def restore(self, step: int, abstract_state, *, with_data: bool = True):
-    """(state, data_state or None); ``abstract_state`` carries target shapes/shardings."""
+    """(state, data_state or None, this process's data counters: {} without data or when
+    the checkpoint has none); ``abstract_state`` carries target shapes/shardings."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if with_data:
       items["data"] = DataStateRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    data = decode_data_state(out["data"]) if with_data else None
-    return out["state"], data
-
-  def restore_counters(self, step: int) -> dict:
-    """This process's data counters saved with ``step`` ({} if it has none)."""
-    out = self.manager.restore(step, args=ocp.args.Composite(data=DataStateRestore()))
-    return decode_data_counters(out["data"])
+    if not with_data:
+      return out["state"], None, {}
+    return out["state"], decode_data_state(out["data"]), decode_data_counters(out["data"])
 
   def reached_preemption(self, step: int) -> bool:
     return bool(self.manager.reached_preemption(step))

@@ -462,10 +462,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (workdir / registry.VOCABULARY_FILE).write_text(
         json.dumps(registry.vocabulary_record(config), indent=2, sort_keys=True) + "\n")
   if latest is not None:
-    state, data_state = checkpointer.restore(
+    state, data_state, counters = checkpointer.restore(
         latest, with_shardings(setup.abstract_state, setup.state_shardings))
     iterator.set_state(data_state)
-    counters = checkpointer.restore_counters(latest)
     log.info("resumed from %s at step %d", checkpointer.directory, latest)
   else:
     counters = {}
