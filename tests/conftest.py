@@ -59,6 +59,16 @@ def load_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+def user_config_file(body: str) -> str:
+  """The text of a user's config file: ``body`` (its ``get_config``) built on
+  configs/tiny_synthetic.py, which it loads by absolute path as ``tiny``."""
+  return (f"import importlib.util\n"
+          f"spec = importlib.util.spec_from_file_location("
+          f"\"tiny\", {str(ROOT / 'configs' / 'tiny_synthetic.py')!r})\n"
+          f"tiny = importlib.util.module_from_spec(spec)\n"
+          f"spec.loader.exec_module(tiny)\n\n" + body)
+
+
 @pytest.fixture
 def tiny_config():
   return load_config("tiny_synthetic")

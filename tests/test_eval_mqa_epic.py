@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import run_cli, user_config_file
 from test_data_video import write_indexed_mp4
 from test_eval_values import FullForward, read_jsonl, sharpened
 
@@ -28,19 +28,13 @@ from mashvlm_jax.model.config import ModelConfig
 # The user's config: the tiny model at 32x32 with 2 decoder layers, the EPIC file as split
 # "val" (the evaluated split) and an MVBench-layout file as split "mcq" (no EPIC items).
 CONFIG = """
-import importlib.util
-spec = importlib.util.spec_from_file_location("tiny", {tiny!r})
-tiny = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tiny)
-
-
 def get_config(arg=None):
   config = tiny.get_config(arg)
   config.model.vision.image_size = 32
   config.model.llm.num_layers = 2
   config.model.llm.vocab_size = 256
   config.data.update(name="local_video_qa", data_dir="cache", eval_splits=("val",),
-                     annotations={{"val": "epic.json", "mcq": "mcq.json"}},
+                     annotations={"val": "epic.json", "mcq": "mcq.json"},
                      video_root="videos", mqa_predictions="predictions.jsonl")
   config.data.tokenizer.update(kind="hf", path="tokenizer.json")
   return config
@@ -90,8 +84,7 @@ def user(tmp_path_factory):
   tokenizer_lib.save_atomic(tokenizer_lib.build_word_tokenizer(
       builders.vocabulary_texts() + list(NAME.values()) + ["What happens?"]),
       root / "tokenizer.json")
-  (root / "epic_config.py").write_text(
-      CONFIG.format(tiny=str(ROOT / "configs" / "tiny_synthetic.py")))
+  (root / "epic_config.py").write_text(user_config_file(CONFIG))
   cwd = os.getcwd()
   os.chdir(root)  # the config's relative paths, as the command reads them
   try:

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli, user_config_file
 from test_data_video import write_indexed_mp4
 from test_mqa import CHI2_999, chi_square, word_tokenizer  # noqa: F401 (fixture)
 from test_vocabulary import assert_known
@@ -221,16 +221,10 @@ def test_still_segment_draws_every_split_and_rejects_short_clips():
 # ------------------------------------------------------------------------------ EPIC
 
 EPIC_CONFIG = """
-import importlib.util
-spec = importlib.util.spec_from_file_location("tiny", {tiny!r})
-tiny = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tiny)
-
-
 def get_config(arg=None):
   config = tiny.get_config(arg)
   config.data.update(name="local_video_qa", data_dir="cache", stored_frames=4,
-                     stored_size=32, annotations={{"train": "epic.json"}},
+                     stored_size=32, annotations={"train": "epic.json"},
                      video_root="videos", mqa_predictions="predictions.jsonl",
                      max_failure_share=0.5)
   config.data.tokenizer.update(kind="hf", path="tokenizer.json")
@@ -269,8 +263,7 @@ def test_epic_layout_builds_with_relative_paths_and_counts_bad_records(tmp_path)
       "".join(json.dumps({"id": k, "ranked": v}) + "\n" for k, v in rankings.items()))
   tokenizer_lib.save_atomic(tokenizer_lib.build_word_tokenizer(builders.vocabulary_texts()),
                             tmp_path / "tokenizer.json")  # the user's tokenizer
-  (tmp_path / "epic_config.py").write_text(
-      EPIC_CONFIG.format(tiny=str(ROOT / "configs" / "tiny_synthetic.py")))
+  (tmp_path / "epic_config.py").write_text(user_config_file(EPIC_CONFIG))
   out = run_cli("make-data", "--config=epic_config.py", cwd=tmp_path, timeout=300)
   assert "skipped 2 of 7 records" in out.stdout
   assert "epic.json record 5 (video P01_02.mp4): field 'verb_class' should be int" in out.stdout

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import ROOT, load_config, run_cli
+from conftest import load_config, run_cli, user_config_file
 from mashvlm_jax.data import builders, chat, pipeline, registry, synthetic, tokenizer
 from mashvlm_jax.data.tasks import families, utr
 from mashvlm_jax.train import optim
@@ -157,15 +157,9 @@ def test_more_rows_are_ordinary_rows_of_the_same_clips():
 # ------------------------------------------------------------------------------ users' tracks
 
 TRACKS_CONFIG = """
-import importlib.util
-spec = importlib.util.spec_from_file_location("tiny", {tiny!r})
-tiny = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tiny)
-
-
 def get_config():
   config = tiny.get_config()
-  config.data.update(dict(name="local_video_qa", annotations={{"train": "tracks.json"}},
+  config.data.update(dict(name="local_video_qa", annotations={"train": "tracks.json"},
                           video_root="videos", stored_frames=4, stored_size=32,
                           max_failure_share=0.8, data_dir="cache",
                           tokenizer=dict(kind="hf", path="tokenizer.json", bos="<s>",
@@ -196,8 +190,7 @@ def write_tracks(tmp_path):
              {"video": "v.mp4", "tracks": [{"label": "cat", "boxes": walker["boxes"]}]}]
   (tmp_path / "tracks.json").write_text(json.dumps(records))
   (tmp_path / "configs").mkdir()
-  (tmp_path / "configs" / "tracks.py").write_text(
-      TRACKS_CONFIG.format(tiny=str(ROOT / "configs" / "tiny_synthetic.py")))
+  (tmp_path / "configs" / "tracks.py").write_text(user_config_file(TRACKS_CONFIG))
   builders.save_word_tokenizer(str(tmp_path / "tokenizer.json"),
                                builders.vocabulary_fingerprint())
 
