@@ -198,6 +198,18 @@ def test_verb_and_noun_accuracy_by_hand():
 
 # ------------------------------------------------------------------------------ errors
 
+def test_record_scan_reads_ids_without_decoding_frames(user, monkeypatch):
+  _, config, _ = user
+  expected = mqa_eval.epic_records(config, ["val"])
+  raw = registry.data_source(config, "val", video=False)[0]["video"]
+  assert isinstance(raw, bytes), type(raw)  # the stored feature, not a uint8 array
+
+  def no_frames(*args, **kwargs):
+    raise AssertionError("the record scan decoded a whole record")
+  monkeypatch.setattr(pipeline, "decode_record", no_frames)
+  assert mqa_eval.epic_records(config, ["val"]) == expected
+
+
 def test_errors_name_the_split_file_and_clip(user):
   _, config, _ = user
   with pytest.raises(ValueError, match="split 'mcq' .* holds no EPIC-KITCHENS segments "

@@ -20,8 +20,8 @@ same shapes in the same order; process p then builds only rows p, p + P, ... of 
 global batch (the rule the unbucketed pipeline uses too), so the union of the processes'
 local batches is the single-host batch. The planner needs every row's token count, not
 just its own rows': each process reads the *text* of every record of the global stream
-(``text_source``: the video feature is read but not decoded) and tokenises it; frames,
-the costly part, are made only for its own rows. On a pod this multiplies the record
+(``registry.data_source(..., video=False)``: the video feature is read but not
+decoded) and tokenises it; frames, the costly part, are made only for its own rows. On a pod this multiplies the record
 reads by the process count (not the frame work): a per-record token-count index written
 at build time would remove it.
 
@@ -40,15 +40,6 @@ import numpy as np
 from mashvlm_jax.data import chat
 
 TEXT_KEYS = ("text_ids", "text_mask", "labels", "label_mask")
-
-
-def text_source(config, split: str):
-  """The split's records with the video left undecoded (raw bytes): the text is all the
-  planner reads, and the zlib-compressed frames are most of a record's decode time."""
-  import tensorflow_datasets as tfds
-  from mashvlm_jax.data import registry
-  return registry.built_builder(config).as_data_source(
-      split=split, decoders={"video": tfds.decode.SkipDecoding()})
 
 
 def text_buckets(data_config) -> tuple[int, ...]:

@@ -79,13 +79,23 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+HEADER_FIELDS = ("id", "source", "task", "kind", "action", "scene")
+
+
+def record_header(raw: dict) -> dict:
+  """A data-source example's text fields (``HEADER_FIELDS``) as ``str``: all a reader of
+  ids and tasks needs, from a source read with ``registry.data_source(..., video=False)``
+  too."""
+  return {k: _text(raw[k]) for k in HEADER_FIELDS}
+
+
 def decode_record(raw: dict) -> dict:
   """A data-source example with text as ``str`` and ``qa`` as a list of dicts.
 
   Fields: id, video (uint8 [T, H, W, 3]), source, task, kind, action, scene (str),
   candidates (list of str), qa (list of {i, q, a, task, aspect: str, pair: int}).
   """
-  out = {k: _text(raw[k]) for k in ("id", "source", "task", "kind", "action", "scene")}
+  out = record_header(raw)
   out["video"] = storage_lib.stored_video(raw)  # an EncodedClip for jpeg/source storage
   out["candidates"] = [_text(c) for c in raw["candidates"]]
   qa = raw["qa"]
@@ -260,8 +270,8 @@ def make_dataset(config, split: str, *, process_index=None, process_count=None, 
   ds = walk(ds, transform)
   if buckets:
     # The same walk over the records' text gives every row's token count (buckets.py).
-    text = row_filter.apply(grain.MapDataset.source(buckets_lib.text_source(config, split)),
-                            config, split)
+    text_only = registry.data_source(config, split, video=False)
+    text = row_filter.apply(grain.MapDataset.source(text_only), config, split)
     lengths = walk(text, buckets_lib.TextLength(transform, decode_record))
     stream_len = None if num_epochs is None else len(ds) - len(ds) % d.batch_size
     it = buckets_lib.BucketPlan(lengths, stream_len, buckets, d.batch_size, process_index,

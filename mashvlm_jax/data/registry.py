@@ -161,13 +161,19 @@ def built_builder(config):
   return b
 
 
-def data_source(config, split: str):
-  """Random-access ArrayRecord source of one split (decoded numpy dicts)."""
+def data_source(config, split: str, *, video: bool = True):
+  """Random-access ArrayRecord source of one split (decoded numpy dicts). ``video=False``
+  leaves the video feature undecoded (its stored bytes): for readers of the text and ids
+  only (the bucket planner, record scans), since the frames are most of a record's decode
+  time."""
   b = built_builder(config)
   if split not in b.info.splits:
     raise ValueError(f"split {split!r} is not in {b.name}/{b.builder_config.name}; "
                      f"known: {sorted(b.info.splits)}")
-  return b.as_data_source(split=split)
+  if video:
+    return b.as_data_source(split=split)
+  import tensorflow_datasets as tfds
+  return b.as_data_source(split=split, decoders={"video": tfds.decode.SkipDecoding()})
 
 
 def load_tokenizer(config) -> tokenizer_lib.Tokenizer:

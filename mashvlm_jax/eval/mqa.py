@@ -224,10 +224,10 @@ def epic_records(config, splits, max_items: int = 0) -> list[tuple[str, int, dic
   out = []
   for split in splits:
     found = epic_annotations(config, split)
-    source = registry.data_source(config, split)
+    source = registry.data_source(config, split, video=False)  # ids and tasks only
     picked, tasks = [], collections.Counter()
     for index in range(len(source)):
-      record = pipeline.decode_record(source[index])
+      record = pipeline.record_header(source[index])
       tasks[record["task"]] += 1
       if record["task"] != "epic":
         continue
