@@ -21,9 +21,9 @@ global batch (the rule the unbucketed pipeline uses too), so the union of the pr
 local batches is the single-host batch. The planner needs every row's token count, not
 just its own rows': each process reads the *text* of every record of the global stream
 (``registry.data_source(..., video=False)``: the video feature is read but not
-decoded) and tokenises it; frames, the costly part, are made only for its own rows. On a pod this multiplies the record
-reads by the process count (not the frame work): a per-record token-count index written
-at build time would remove it.
+decoded) and tokenises it; frames, the costly part, are made only for its own rows. On a
+pod this multiplies the record reads by the process count (not the frame work): a
+per-record token-count index written at build time would remove it.
 
 Resume. The planner's state (next stream position, the queued positions, global batches
 planned so far) is a small JSON dict; the iterator's ``get_state`` after k batches
