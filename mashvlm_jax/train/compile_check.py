@@ -290,13 +290,17 @@ def while_loops(hlo_text: str) -> int:
   return len(re.findall(r"\swhile\(", hlo_text))
 
 
-def step_cost(lowered, compiled, compiled_for_cost: bool) -> tuple[Cost | None, str]:
+def step_cost(lowered, compiled, compiled_for_cost: bool,
+              seconds: dict | None = None) -> tuple[Cost | None, str]:
   """(XLA's cost of the step, "") from a compile without windowed-einsum loops (``lowered``
-  is compiled again with ``COST_COMPILER_OPTIONS`` unless ``compiled`` is such a compile
-  or has no loop), or (None, why) when loops remain that XLA would count once (the scan
-  over microbatches of grad_accum_steps > 1, a scanned layer stack)."""
+  is compiled again with ``COST_COMPILER_OPTIONS``, timed as seconds["cost compile"],
+  unless ``compiled`` is such a compile or has no loop), or (None, why) when loops remain
+  that XLA would count once (the scan over microbatches of grad_accum_steps > 1)."""
   if not compiled_for_cost and while_loops(compiled.as_text()):
+    t0 = time.perf_counter()
     compiled = lowered.compile(compiler_options=COST_COMPILER_OPTIONS)
+    if seconds is not None:
+      seconds["cost compile"] = time.perf_counter() - t0
   loops = while_loops(compiled.as_text())
   if loops:
     return None, (f"no cost: the compiled step keeps {loops} while loops, whose bodies "
@@ -508,10 +512,8 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
   seconds["compile"] = time.perf_counter() - t1
   report.memory = Memory.from_stats(compiled.memory_analysis(), tpu.hbm_bytes)
   if not setup.model_cfg.scan_layers:  # a scanned stack's loop body is counted once
-    t2 = time.perf_counter()
-    report.cost, report.cost_note = step_cost(lowered, compiled, for_cost or not on_tpu)
-    if time.perf_counter() - t2 > 1:
-      seconds["cost compile"] = time.perf_counter() - t2
+    report.cost, report.cost_note = step_cost(lowered, compiled, for_cost or not on_tpu,
+                                              seconds)
   return report
 
 
