@@ -226,8 +226,6 @@ def test_cost_counts_the_matmuls_of_windowed_einsum_loops():
   assert "cost compile" in report.seconds  # the step itself had the loops
 
 
-
-
 def test_remat_sweep_tiny_for_v5p_8(tmp_path):
   """Two AOT compiles of the tiny step for v5p-8 with fsdp over the 4 chips (about 25 s on
   2 cores). Needs libtpu: a failure under CI, a skip elsewhere."""

@@ -196,8 +196,6 @@ def test_verb_and_noun_accuracy_by_hand():
   assert mqa_eval.EPIC_NOTE in text
 
 
-# ------------------------------------------------------------------------------ errors
-
 def test_record_scan_reads_ids_without_decoding_frames(user, monkeypatch):
   _, config, _ = user
   expected = mqa_eval.epic_records(config, ["val"])
@@ -209,6 +207,8 @@ def test_record_scan_reads_ids_without_decoding_frames(user, monkeypatch):
   monkeypatch.setattr(pipeline, "decode_record", no_frames)
   assert mqa_eval.epic_records(config, ["val"]) == expected
 
+
+# ------------------------------------------------------------------------------ errors
 
 def test_errors_name_the_split_file_and_clip(user):
   _, config, _ = user
