@@ -2,6 +2,9 @@
 16 frames -> M = 47 temporal and N = 256 spatial tokens.
 
 Variants: --config=configs/mashvlm_7b.py:ablation=t6_disable_none,remat=dots
+remat: full by default, the only policy that fits v5p-8 and v6e-8 at the default batch;
+on v5p-64 remat=dots fits in 15.9 of 95 GiB with a 16% shorter step bound (`mashvlm
+compile --sweep`, docs/compile.md).
 Recipes: recipe=utr (Video-UTR stage II, Table 9 and Table 8 of the UTR paper; see
 _utr_recipe and docs/design.md "UTR trajectory queries").
 Stage 1 (projector alignment on video-caption pairs, e.g. WebVid):
