@@ -191,17 +191,17 @@ class FakeLowered:
 def test_step_cost_recompiles_without_loops_and_refuses_to_undercount():
   # no loop: the compile's own cost, nothing compiled again
   lowered = FakeLowered(FakeCompiled(0, 5.0))
-  assert compile_check.step_cost(lowered, FakeCompiled(0, 3.0), False) == (
+  assert compile_check.step_cost(lowered, FakeCompiled(0, 3.0), True) == (
       compile_check.Cost(3.0, 1.0), "")
   assert lowered.options == []
   # windowed-einsum loops: compiled again with the options that keep them out
-  assert compile_check.step_cost(lowered, FakeCompiled(32, 1.0), False)[0].flops == 5.0
+  assert compile_check.step_cost(lowered, FakeCompiled(32, 1.0), True)[0].flops == 5.0
   assert lowered.options == [compile_check.COST_COMPILER_OPTIONS]
   # loops that stay (a scan over microbatches): no number rather than a wrong one
   cost, note = compile_check.step_cost(FakeLowered(FakeCompiled(1, 2.0)),
-                                       FakeCompiled(33, 1.0), False)
+                                       FakeCompiled(33, 1.0), True)
   assert cost is None and "keeps 1 while loops" in note
-  cost, note = compile_check.step_cost(None, FakeCompiled(2, 1.0), True)
+  cost, note = compile_check.step_cost(None, FakeCompiled(2, 1.0), False)
   assert cost is None and "keeps 2 while loops" in note
 
 

@@ -290,29 +290,29 @@ def while_loops(hlo_text: str) -> int:
   return len(re.findall(r"\swhile\(", hlo_text))
 
 
-def step_cost(lowered, compiled, compiled_for_cost: bool,
+def step_cost(lowered, compiled, recompile: bool,
               seconds: dict | None = None) -> tuple[Cost | None, str]:
-  """(XLA's cost of the step, "") from a compile without windowed-einsum loops (``lowered``
-  is compiled again with ``COST_COMPILER_OPTIONS``, timed as seconds["cost compile"],
-  unless ``compiled`` is such a compile or has no loop), or (None, why) when loops remain
-  that XLA would count once (the scan over microbatches of grad_accum_steps > 1)."""
-  if not compiled_for_cost and while_loops(compiled.as_text()):
+  """(XLA's cost of the step, "") from a compile without windowed-einsum loops: when
+  ``compiled`` has loops and ``recompile`` is set (the TPU step as it runs), ``lowered``
+  is compiled again with ``COST_COMPILER_OPTIONS`` (timed as seconds["cost compile"]).
+  (None, why) when loops remain that XLA would count once (the scan over microbatches of
+  grad_accum_steps > 1)."""
+  loops = while_loops(compiled.as_text())
+  if loops and recompile:
     t0 = time.perf_counter()
     compiled = lowered.compile(compiler_options=COST_COMPILER_OPTIONS)
     if seconds is not None:
       seconds["cost compile"] = time.perf_counter() - t0
-  loops = while_loops(compiled.as_text())
+    loops = while_loops(compiled.as_text())
   if loops:
     return None, (f"no cost: the compiled step keeps {loops} while loops, whose bodies "
                   f"XLA's cost analysis counts once (grad_accum_steps > 1?)")
   return Cost.from_analysis(compiled.cost_analysis()), ""
 
 
-def roofline_seconds(cost: Cost, peak_flops: float, hbm_bandwidth: float,
-                     min_flops: float = 0.0) -> float:
-  """Per-chip step time bound: max(flops / peak FLOP/s, bytes accessed / HBM bytes/s),
-  the FLOPs at least ``min_flops`` (``Report.compute_flops``)."""
-  return max(max(cost.flops, min_flops) / peak_flops, cost.bytes_accessed / hbm_bandwidth)
+def roofline_seconds(cost: Cost, peak_flops: float, hbm_bandwidth: float) -> float:
+  """Per-chip step time bound: max(flops / peak FLOP/s, bytes accessed / HBM bytes/s)."""
+  return max(cost.flops / peak_flops, cost.bytes_accessed / hbm_bandwidth)
 
 
 @dataclasses.dataclass
@@ -361,8 +361,8 @@ class Report:
     """Roofline step time from XLA's per-chip cost (``roofline_seconds``), or None."""
     if self.cost is None:
       return None
-    return roofline_seconds(self.cost, self.peak_flops_per_chip, self.tpu.hbm_bandwidth,
-                            self.flops_per_step / self.tpu.chips)
+    return roofline_seconds(dataclasses.replace(self.cost, flops=self.compute_flops),
+                            self.peak_flops_per_chip, self.tpu.hbm_bandwidth)
 
   @property
   def roofline_mfu(self) -> float | None:
@@ -512,7 +512,7 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
   seconds["compile"] = time.perf_counter() - t1
   report.memory = Memory.from_stats(compiled.memory_analysis(), tpu.hbm_bytes)
   if not setup.model_cfg.scan_layers:  # a scanned stack's loop body is counted once
-    report.cost, report.cost_note = step_cost(lowered, compiled, for_cost or not on_tpu,
+    report.cost, report.cost_note = step_cost(lowered, compiled, on_tpu and not for_cost,
                                               seconds)
   return report
 
