@@ -533,6 +533,33 @@ def welch(a, b) -> dict | None:
   return {"diff": diff, "t": t, "df": df, "p": t_two_sided_p(t, df)}
 
 
+def paired(a: dict, b: dict) -> dict | None:
+  """Paired t-test of a - b over the seeds both have ({seed: value} each): {diff, t, df,
+  p, n}; None below 2 shared seeds. No spread in the differences gives t = ±inf, p = 0
+  (or t = 0, p = 1 when every difference is 0)."""
+  seeds = sorted(set(a) & set(b))
+  if len(seeds) < 2:
+    return None
+  d = np.asarray([a[s] - b[s] for s in seeds], float)
+  diff, sd = float(d.mean()), float(d.std(ddof=1))
+  if sd == 0:
+    return {"diff": diff, "t": math.copysign(math.inf, diff) if diff else 0.0,
+            "df": float(len(d) - 1), "p": 0.0 if diff else 1.0, "n": len(d)}
+  t = diff / (sd / math.sqrt(len(d)))
+  return {"diff": diff, "t": t, "df": float(len(d) - 1), "p": t_two_sided_p(t, len(d) - 1),
+          "n": len(d)}
+
+
+def pairs_with_reference(arm: Arm) -> bool:
+  """True when the arm's run of a seed and its reference's run of that seed share their
+  start: an evaluation-only arm scores the reference's run itself, a fine-tuning arm
+  starts from the reference's run or from the same parent run. The table then tests the
+  per-seed differences (paired), not the two groups as independent samples (Welch)."""
+  if arm.parent is None or arm.reference is None:
+    return False
+  return arm.parent == arm.reference or ARMS[arm.reference].parent == arm.parent
+
+
 # ------------------------------------------------------------------------------ the table
 
 METRICS = (  # column, getter (None where a run has no such number)
@@ -566,7 +593,7 @@ def _extra(result: dict, *keys):
       return None
     node = node[key]
   return node
-# Compared with the reference arm: difference, Welch's t and p.
+# Compared with the reference arm: difference, t and p (paired or Welch).
 COMPARED = ("UNSCENE binary Avg.", "Unusual Action", "Action probe, unusual",
             "Hallucinated action, unusual", "Entailment pairs",
             "MQA recognizer-B options, unusual")
@@ -585,12 +612,20 @@ def _mean_sd(values) -> str:
   return f"{mean:.2f} ± {float(np.std(values, ddof=1)):.2f}"
 
 
-def _comparison(runs, ref_runs, getter) -> str:
-  test = welch(_values(runs, getter), _values(ref_runs, getter))
+def _by_seed(runs, getter) -> dict:
+  return {r["seed"]: v for r in runs if (v := getter(r)) is not None}
+
+
+def _comparison(runs, ref_runs, getter, pair: bool = False) -> str:
+  if pair:
+    test = paired(_by_seed(runs, getter), _by_seed(ref_runs, getter))
+  else:
+    test = welch(_values(runs, getter), _values(ref_runs, getter))
   if test is None:
     return "-"
-  if math.isinf(test["t"]):  # every seed of both arms the same: a t-test says nothing
-    return f"{test['diff']:+.2f} (no spread in either arm, no test)"
+  if math.isinf(test["t"]):  # no spread at all: a t-test says nothing
+    spread = "the same difference on every seed" if pair else "no spread in either arm"
+    return f"{test['diff']:+.2f} ({spread}, no test)"
   return f"{test['diff']:+.2f} (t={test['t']:.2f}, p={test['p']:.3f})"
 
 
@@ -613,13 +648,14 @@ def render_tables(arms: list[Arm], results: dict) -> str:
     shown = [c for c in COMPARED if any(getters[c](r) is not None for a in rows
                                         for r in results.get(a.name, []))]
     if compared:
-      header = ["Arm", "vs reference"] + [f"{c}: diff (t, p)" for c in shown]
+      header = ["Arm", "vs reference", "test"] + [f"{c}: diff (t, p)" for c in shown]
       lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
       for arm in compared:
         runs, ref = results.get(arm.name, []), results.get(arm.reference, [])
+        pair = pairs_with_reference(arm)
         lines.append("| " + " | ".join(
-            [f"`{arm.name}`", f"`{arm.reference}`"]
-            + [_comparison(runs, ref, getters[c]) for c in shown]) + " |")
+            [f"`{arm.name}`", f"`{arm.reference}`", "paired" if pair else "Welch"]
+            + [_comparison(runs, ref, getters[c], pair) for c in shown]) + " |")
     out.append(f"### {group}\n\n" + "\n".join(lines))
   return "\n\n".join(out)
 
@@ -676,7 +712,10 @@ controls, and the action probe ("What is the person doing?", ranked over the 8 a
 answers by likelihood; the hallucinated-action rate is the share of unusual clips where
 the model names the scene's typical action instead of the one performed). Percent; mean ±
 sample standard deviation over seeds; the comparison gives the difference to the
-reference arm with Welch's t and two-sided p.
+reference arm with t and two-sided p: a paired t-test over seeds where the arm and its
+reference share each seed's run (an evaluation-only arm scores the reference's run; a
+fine-tuning arm starts from the reference's run or from the same parent), Welch's test
+where they are independent trainings.
 
 Arms:
 {described}

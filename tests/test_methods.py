@@ -1,5 +1,5 @@
-"""benchmarks/methods.py: Welch's test against independent computations, and a 2-arm,
-1-seed study with a fine-tuning arm that trains, scores, resumes and renders."""
+"""benchmarks/methods.py: Welch's and the paired test against independent computations,
+and a 2-arm, 1-seed study with a fine-tuning arm that trains, scores, resumes and renders."""
 import argparse
 import json
 import math
@@ -49,6 +49,38 @@ def test_welch_by_hand():
   same = lambda values: [{"v": v} for v in values]  # noqa: E731
   assert methods._comparison(same([1.0, 1.0]), same([2.0, 2.0]), lambda r: r["v"]) == (
       "-1.00 (no spread in either arm, no test)")
+
+
+def test_paired_by_hand_and_against_scipy():
+  import scipy.stats
+  a = {0: 10.0, 1: 12.0, 2: 17.0, 3: 9.0}
+  b = {0: 8.0, 1: 11.0, 2: 13.0, 4: 100.0}  # seed 4 has no partner; seed 3 neither
+  # differences 2, 1, 4: mean 7/3, sample variance 7/3, t = (7/3) / sqrt(7/9) = sqrt 7
+  test = methods.paired(a, b)
+  assert test["n"] == 3 and test["df"] == 2.0
+  assert abs(test["diff"] - 7 / 3) < 1e-12 and abs(test["t"] - math.sqrt(7)) < 1e-12
+  reference = scipy.stats.ttest_rel([10.0, 12.0, 17.0], [8.0, 11.0, 13.0])
+  assert abs(test["t"] - reference.statistic) < 1e-12
+  assert abs(test["p"] - reference.pvalue) < 1e-9
+  # a shift every seed shares: Welch sees two overlapping groups, the pairs do not
+  shifted = {s: v + 1.0 + 0.1 * s for s, v in b.items()}
+  assert methods.paired(shifted, b)["p"] < 0.01
+  assert methods.welch([shifted[s] for s in (0, 1, 2)], [b[s] for s in (0, 1, 2)])["p"] > 0.5
+  assert methods.paired({0: 1.0}, {0: 2.0}) is None  # one shared seed: no test
+  assert methods.paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})["p"] == 1.0
+  runs = lambda values: [{"seed": s, "v": v} for s, v in enumerate(values)]  # noqa: E731
+  assert methods._comparison(runs([2.0, 3.0]), runs([1.0, 2.0]), lambda r: r["v"], True) == (
+      "+1.00 (the same difference on every seed, no test)")
+
+
+def test_which_arms_are_paired_with_their_reference():
+  arms = methods.ARMS
+  # scores the reference's own runs; fine-tunes the reference's runs; shares the parent
+  for name in ("mash+rve", "baseline+rve-b2", "mash+mix", "mash+haca", "mash+mqa"):
+    assert methods.pairs_with_reference(arms[name]), name
+  # independent trainings: presets from scratch, the regime arms, TPL-filtered runs
+  for name in ("mash", "baseline", "mash@p0.7+uniformneg+steps9000", "mash@tpl-top"):
+    assert not methods.pairs_with_reference(arms[name]), name
 
 
 def study(tmp_path, *extra):
