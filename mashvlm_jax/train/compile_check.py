@@ -290,23 +290,24 @@ def while_loops(hlo_text: str) -> int:
   return len(re.findall(r"\swhile\(", hlo_text))
 
 
-def step_cost(lowered, compiled, recompile: bool,
-              seconds: dict | None = None) -> tuple[Cost | None, str]:
-  """(XLA's cost of the step, "") from a compile without windowed-einsum loops: when
-  ``compiled`` has loops and ``recompile`` is set (the TPU step as it runs), ``lowered``
-  is compiled again with ``COST_COMPILER_OPTIONS`` (timed as seconds["cost compile"]).
-  (None, why) when loops remain that XLA would count once (the scan over microbatches of
-  grad_accum_steps > 1)."""
+def step_cost(compiled, relower, seconds: dict | None = None,
+              compiler_options: dict | None = None) -> tuple[Cost | None, str]:
+  """(XLA's cost of the step, "") from a program without while loops. When ``compiled``
+  (the step as it runs) has loops and ``relower`` is given, the program it returns (the
+  same step lowered with its microbatch scan unrolled) is compiled with
+  ``compiler_options`` (``COST_COMPILER_OPTIONS`` on TPU: no windowed-einsum loops),
+  timed as seconds["cost compile"]. (None, why) when loops remain: XLA would count them
+  once."""
   loops = while_loops(compiled.as_text())
-  if loops and recompile:
+  if loops and relower is not None:
     t0 = time.perf_counter()
-    compiled = lowered.compile(compiler_options=COST_COMPILER_OPTIONS)
+    compiled = relower().compile(compiler_options=compiler_options)
     if seconds is not None:
       seconds["cost compile"] = time.perf_counter() - t0
     loops = while_loops(compiled.as_text())
   if loops:
     return None, (f"no cost: the compiled step keeps {loops} while loops, whose bodies "
-                  f"XLA's cost analysis counts once (grad_accum_steps > 1?)")
+                  f"XLA's cost analysis counts once")
   return Cost.from_analysis(compiled.cost_analysis()), ""
 
 
@@ -462,7 +463,8 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
 
   ``devices`` replaces the libtpu topology's devices (tests); everything else is built
   from the config exactly as ``trainer.train`` builds it. ``for_cost``: a compile read for
-  its cost only (``depth_probe_cost``), with ``COST_COMPILER_OPTIONS`` on TPU.
+  its cost only (``depth_probe_cost``): the microbatch scan unrolled, and
+  ``COST_COMPILER_OPTIONS`` on TPU.
   """
   import flax.linen as nn
   import jax
@@ -486,23 +488,29 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
       params=mashvlm.count_params(setup.abstract_state.params),
       flops_per_step=batch_size * flops_lib.train_flops_per_row(setup.model_cfg, text_len),
       peak_flops_per_chip=peak, seconds=seconds)
-  step = jax.jit(
-      trainer.make_train_step(setup.model, setup.tx, setup.schedule,
-                              accum=int(config.grad_accum_steps), trainable=setup.trainable),
-      in_shardings=(setup.state_shardings, setup.batch_shardings),
-      out_shardings=(setup.state_shardings, sharding.replicated(slice_mesh)),
-      donate_argnums=(0,))
+  accum = int(config.grad_accum_steps)
   state = trainer.with_shardings(setup.abstract_state, setup.state_shardings)
   batch = abstract_batch(setup.model_cfg, batch_size, text_len, setup.batch_shardings)
-  with jax.set_mesh(slice_mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    lowered = step.lower(state, batch)
+
+  def lower(unroll_accum: bool):
+    step = jax.jit(
+        trainer.make_train_step(setup.model, setup.tx, setup.schedule, accum=accum,
+                                trainable=setup.trainable, unroll_accum=unroll_accum),
+        in_shardings=(setup.state_shardings, setup.batch_shardings),
+        out_shardings=(setup.state_shardings, sharding.replicated(slice_mesh)),
+        donate_argnums=(0,))
+    with jax.set_mesh(slice_mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      return step.lower(state, batch)
+
+  # the step as it runs; a cost compile unrolls the microbatch scan (XLA counts a loop once)
+  lowered = lower(unroll_accum=for_cost and accum > 1)
   seconds["lower"] = time.perf_counter() - t0
   report.tpu_kernels = lowered.as_text().count("tpu_custom_call")
   t1 = time.perf_counter()
   on_tpu = slice_mesh.devices.flat[0].platform == "tpu"
-  options = COST_COMPILER_OPTIONS if for_cost and on_tpu else None
+  cost_options = COST_COMPILER_OPTIONS if on_tpu else None
   try:
-    compiled = lowered.compile(compiler_options=options)
+    compiled = lowered.compile(compiler_options=cost_options if for_cost else None)
   except Exception as e:  # XLA refuses programs that exceed HBM
     if not is_out_of_memory(e):
       raise
@@ -512,8 +520,9 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
   seconds["compile"] = time.perf_counter() - t1
   report.memory = Memory.from_stats(compiled.memory_analysis(), tpu.hbm_bytes)
   if not setup.model_cfg.scan_layers:  # a scanned stack's loop body is counted once
-    report.cost, report.cost_note = step_cost(lowered, compiled, on_tpu and not for_cost,
-                                              seconds)
+    relower = None if for_cost or not (on_tpu or accum > 1) else (
+        (lambda: lower(unroll_accum=True)) if accum > 1 else (lambda: lowered))
+    report.cost, report.cost_note = step_cost(compiled, relower, seconds, cost_options)
   return report
 
 

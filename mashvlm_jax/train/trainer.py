@@ -108,8 +108,13 @@ def head_scales(cfg, batch):
   return cfg.loss_weight * weights * denom / labelled
 
 
-def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
+def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable,
+                    unroll_accum: bool = False):
   """(state, batch) -> (state, metrics). Non-finite updates are never applied.
+
+  With ``accum`` > 1 the microbatches run in a scan; ``unroll_accum`` unrolls it, the same
+  arithmetic without a loop (``mashvlm compile`` reads the step's cost from that program:
+  XLA's cost analysis counts a loop body once).
 
   Frozen parameters (``trainable`` False) enter the loss behind stop_gradient, so their
   weight gradients are never computed (LoRA: only the adapters' are). With LoRA dropout
@@ -168,7 +173,7 @@ def make_train_step(model: nn.Module, tx, schedule, *, accum: int, trainable):
           lambda p, t: jnp.zeros_like(p) if t else jnp.zeros((), p.dtype), state.params,
           trainable)
       (nll, aux, grads), _ = jax.lax.scan(body, (0.0, aux, zeros),
-                                          (micro, jnp.arange(accum)))
+                                          (micro, jnp.arange(accum)), unroll=unroll_accum)
       grads = jax.tree_util.tree_map(lambda g, p: jnp.broadcast_to(g, p.shape), grads,
                                      state.params)
     count, correct = aux["count"], aux["correct"]
