@@ -520,8 +520,11 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
   seconds["compile"] = time.perf_counter() - t1
   report.memory = Memory.from_stats(compiled.memory_analysis(), tpu.hbm_bytes)
   if not setup.model_cfg.scan_layers:  # a scanned stack's loop body is counted once
-    relower = None if for_cost or not (on_tpu or accum > 1) else (
-        (lambda: lower(unroll_accum=True)) if accum > 1 else (lambda: lowered))
+    relower = None  # a cost compile was already lowered and compiled for its cost
+    if not for_cost and accum > 1:
+      relower = lambda: lower(unroll_accum=True)  # noqa: E731
+    elif not for_cost and on_tpu:  # windowed-einsum loops, if any: the same program
+      relower = lambda: lowered  # noqa: E731
     report.cost, report.cost_note = step_cost(compiled, relower, seconds, cost_options)
   return report
 
