@@ -541,13 +541,12 @@ def paired(a: dict, b: dict) -> dict | None:
   if len(seeds) < 2:
     return None
   d = np.asarray([a[s] - b[s] for s in seeds], float)
-  diff, sd = float(d.mean()), float(d.std(ddof=1))
+  diff, sd, df = float(d.mean()), float(d.std(ddof=1)), float(len(d) - 1)
   if sd == 0:
-    return {"diff": diff, "t": math.copysign(math.inf, diff) if diff else 0.0,
-            "df": float(len(d) - 1), "p": 0.0 if diff else 1.0, "n": len(d)}
+    return {"diff": diff, "t": math.copysign(math.inf, diff) if diff else 0.0, "df": df,
+            "p": 0.0 if diff else 1.0, "n": len(d)}
   t = diff / (sd / math.sqrt(len(d)))
-  return {"diff": diff, "t": t, "df": float(len(d) - 1), "p": t_two_sided_p(t, len(d) - 1),
-          "n": len(d)}
+  return {"diff": diff, "t": t, "df": df, "p": t_two_sided_p(t, df), "n": len(d)}
 
 
 def pairs_with_reference(arm: Arm) -> bool:

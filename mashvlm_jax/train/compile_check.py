@@ -503,7 +503,7 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
       return step.lower(state, batch)
 
   # the step as it runs; a cost compile unrolls the microbatch scan (XLA counts a loop once)
-  lowered = lower(unroll_accum=for_cost and accum > 1)
+  lowered = lower(unroll_accum=for_cost)
   seconds["lower"] = time.perf_counter() - t0
   report.tpu_kernels = lowered.as_text().count("tpu_custom_call")
   t1 = time.perf_counter()
