@@ -73,6 +73,10 @@ def get_config(arg=None):
   # --topology=v5p-8` checks that a slice holds it (docs/compile.md).
   config.total_steps = 5000
   config.checkpoint_every = 500
+  # Wall seconds an async save may take to commit on every host (Orbax's default is 1200);
+  # a slower save stops the run with the last good checkpoint intact. The full state
+  # (float32 params + AdamW moments, about 84 GB) to remote storage gets an hour.
+  config.checkpoint_timeout_s = 3600
   config.log_every = 10
   config.grad_accum_steps = 1
   config.nan_policy = "stop"

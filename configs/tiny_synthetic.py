@@ -127,6 +127,7 @@ def get_config(arg=None):
   config.log_every = 50
   config.keep_checkpoints = 3
   config.async_checkpointing = True
+  config.checkpoint_timeout_s = 1200  # an async save not committed in this time fails
   config.init_from = ""  # an `mashvlm import-hf` output directory
   config.grad_accum_steps = 1
   config.nan_policy = "stop"  # "stop": raise, last good checkpoint intact | "skip"

@@ -3,7 +3,9 @@ cause named, and the last good checkpoint intact and restorable. The failures ar
 made after a first run has saved: the checkpoint directory made read-only (the save fails
 in the training thread; as root, which ignores permissions, the run is started without
 CAP_DAC_OVERRIDE), or a file-size limit smaller than the parameters (the write fails in
-Orbax's background thread, as a full disk would)."""
+Orbax's background thread, as a full disk would). A save slower than
+``checkpoint_timeout_s`` fails the same way and names the setting."""
+import concurrent.futures
 import ctypes
 import hashlib
 import json
@@ -12,7 +14,14 @@ import resource
 import signal
 import stat
 import subprocess
+import threading
 
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mashvlm_jax.train import checkpoint as ckpt_lib
 
 from test_train_run import (ROOT, cli_args, data_dir, env_for,  # noqa: F401  (data_dir)
                             restore_params, run_cli, train_args)
@@ -97,3 +106,40 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, 
     assert tree_digest(workdir / "checkpoints" / "4") == before
 
   restore_params(workdir, 4)  # restorable by a fresh process
+
+
+def slow_commits(monkeypatch, seconds: float):
+  """Every later Orbax array save commits ``seconds`` after it starts: one more commit
+  future, completed by a timer thread, as a slow file system would delay the write."""
+  original = ocp.StandardCheckpointHandler.async_save
+
+  async def async_save(self, *args, **kwargs):
+    futures = list(await original(self, *args, **kwargs) or [])
+    late = concurrent.futures.Future()
+    threading.Timer(seconds, late.set_result, (None,)).start()
+    return futures + [late]
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", async_save)
+
+
+def test_a_save_slower_than_the_timeout_fails_naming_the_setting(tmp_path, monkeypatch):
+  state = {"w": jnp.arange(4.0)}
+  short = ckpt_lib.Checkpointer(tmp_path / "short", timeout_s=1)
+  short.save(1, state, {"visits": 1})
+  short.check()
+  slow_commits(monkeypatch, 3.0)
+  short.save(2, state, {"visits": 2})
+  with pytest.raises(ckpt_lib.CheckpointSaveError,
+                     match=r"(?s)step 2 .*TimeoutError.*checkpoint_timeout_s=1 s.*"
+                           r"last good checkpoint is step 1"):
+    short.check()
+  restored, data, _ = short.restore(1, {"w": jnp.zeros(4)})
+  np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+  assert data == {"visits": 1} and short.all_steps() == [1]
+
+  # The same slow commit within a longer timeout is saved.
+  long = ckpt_lib.Checkpointer(tmp_path / "long", timeout_s=30)
+  long.save(2, state, {"visits": 2})
+  long.wait()
+  assert long.all_steps() == [2]
+  with pytest.raises(ValueError, match="checkpoint_timeout_s must be a positive"):
+    ckpt_lib.Checkpointer(tmp_path / "bad", timeout_s=0)

@@ -92,21 +92,33 @@ class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written; earlier finished checkpoints are untouched."""
 
 
+# Orbax's own default: an asynchronous save not committed within this many seconds fails.
+DEFAULT_TIMEOUT_S = 1200
+
+
 class Checkpointer:
   """Keeps the last ``keep`` checkpoints; saves asynchronously when ``use_async``.
 
   ``directory`` may be relative (it is made absolute here: Orbax refuses relative paths)
-  or a URL such as gs://bucket/run/checkpoints.
+  or a URL such as gs://bucket/run/checkpoints. ``timeout_s``: wall seconds an
+  asynchronous save may take from its start to its commit on every process; a slower save
+  fails (config ``checkpoint_timeout_s``). The clock runs while the process is stopped.
   """
 
-  def __init__(self, directory, *, keep: int = 3, use_async: bool = True):
+  def __init__(self, directory, *, keep: int = 3, use_async: bool = True,
+               timeout_s: int = DEFAULT_TIMEOUT_S):
     self.directory = epath.Path(paths.local_path(str(directory)))
+    if int(timeout_s) <= 0:
+      raise ValueError(f"checkpoint_timeout_s must be a positive number of seconds, "
+                       f"found {timeout_s}")
+    self.timeout_s = int(timeout_s)
     # Step directories are created in the caller: created in Orbax's background thread, a
     # failure to create one surfaced only as a 5-minute signal timeout.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=use_async,
         cleanup_tmp_directories=True,
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        async_options=ocp.AsyncOptions(timeout_secs=self.timeout_s,
+                                       create_directories_asynchronously=False))
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
     self._pending: int | None = None  # step whose save has started and not been checked
@@ -160,8 +172,14 @@ class Checkpointer:
       good = self.manager.latest_step()
     except Exception:  # noqa: BLE001 (the report must not hide the original cause)
       good = "unknown"
+    hint = ""
+    if isinstance(cause, TimeoutError):
+      hint = (f" The save did not commit within checkpoint_timeout_s={self.timeout_s} s: a "
+              f"slow or stalled file system, or a stopped process; raise it with "
+              f"--config.checkpoint_timeout_s if saves of this size need longer.")
     cause = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else cause
-    return (f"saving the checkpoint of step {step} in {self.directory} failed: {cause}. "
+    return (f"saving the checkpoint of step {step} in {self.directory} failed: "
+            f"{cause.rstrip('.')}.{hint} "
             f"The last good checkpoint is step {good}; earlier checkpoints are intact.")
 
   def restore(self, step: int, abstract_state, *, with_data: bool = True):

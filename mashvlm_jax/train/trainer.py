@@ -454,7 +454,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                        keep=int(config.get("keep_checkpoints", 3)),
-                                       use_async=bool(config.get("async_checkpointing", True)))
+                                       use_async=bool(config.get("async_checkpointing", True)),
+                                       timeout_s=int(config.get("checkpoint_timeout_s",
+                                                                ckpt_lib.DEFAULT_TIMEOUT_S)))
   latest = checkpointer.latest_step()
   if latest is not None:  # resuming: the same model and the same token ids
     params_io.check_model_config(config, workdir / params_io.CONFIG_FILE)
