@@ -82,17 +82,23 @@ def ablation_arm(preset: str) -> Arm:
 # scene; 0.125 = 1/8 makes the scene independent of the action (the control).
 REGIME_PROBS = (0.125, 0.5, 0.7, 0.9)
 # The settings under which the control reads motion (the control arms below): uniform
-# training negatives and 9000 steps. The regime arms run with and without them.
+# training negatives and 9000 steps; configs/tiny_synthetic.py's defaults since 2026-12-01.
 REGIME_SETTINGS = {"data.train_negatives": "uniform", "total_steps": 9000}
 REGIME_TAG = "uniformneg+steps9000"
+# The README's main job until then: the scene's typical action as every training "No"
+# label, 1500 steps. The model learns the rule "No to the scene's typical action" and reads
+# no motion at all (docs/methods.md); the first regime and control arms ran at these.
+SHORTCUT_SETTINGS = {"data.train_negatives": "typical", "total_steps": 1500}
 
 
 # The testbed regime every arm of a study runs under (--regime): its settings are defaults
 # under each arm's own overrides, so stage-1 arms (`mash`, the TPL arms) take them all and
-# fine-tuning arms keep their 500 steps. "readme": the README's main job (typical_prob 0.9,
-# typical-action negatives, 1500 steps). "motion": the settings under which the control
-# reads motion (REGIME_SETTINGS); give each regime its own --root.
-REGIMES = {"readme": {}, "motion": REGIME_SETTINGS}
+# fine-tuning arms keep their 500 steps. Both are spelled out (not the config's defaults),
+# so that a result names what it was trained with; give each regime its own --root.
+# "motion": the chosen regime (docs/methods.md, "The chosen regime"). "shortcut": the
+# earlier README settings, under which docs/ablation.md and the first method arms ran.
+REGIMES = {"motion": REGIME_SETTINGS, "shortcut": SHORTCUT_SETTINGS}
+DEFAULT_REGIME = "motion"
 
 
 def effective_overrides(arm: Arm, regime: str) -> dict:
@@ -105,7 +111,8 @@ def effective_overrides(arm: Arm, regime: str) -> dict:
 def _regime_arms() -> list[Arm]:
   arms = []
   for tag, settings, group in (
-      ("", {}, "Regime: share of training clips in the typical scene (README settings)"),
+      ("", SHORTCUT_SETTINGS,
+       "Regime: share of training clips in the typical scene (the shortcut settings)"),
       (f"+{REGIME_TAG}", REGIME_SETTINGS,
        "Regime at the settings where the control reads motion (uniform negatives, 9000 "
        "steps)")):
@@ -120,7 +127,7 @@ def _regime_arms() -> list[Arm]:
 
 # What it takes for the control (typical_prob 0.125, no scene shortcut) to read motion:
 # the testbed's scale and training change, the paper's token layout does not.
-CONTROL = {"ablation": "mash", "data.typical_prob": 0.125}
+CONTROL = {"ablation": "mash", "data.typical_prob": 0.125, **SHORTCUT_SETTINGS}
 CONTROL_VARIANTS = {
     "steps4500": ({"total_steps": 4500}, "3x the steps"),
     "steps9000": ({"total_steps": 9000}, "6x the steps"),
@@ -660,10 +667,8 @@ def render_tables(arms: list[Arm], results: dict) -> str:
 
 
 def regime_text(args) -> str:
-  """Words for the document: the regime's settings, when it has any."""
+  """Words for the document: the regime's settings."""
   settings = REGIMES[args.regime]
-  if not settings:
-    return ""
   return (f" over the `{args.regime}` regime's settings "
           f"({', '.join(f'{k}={v}' for k, v in settings.items())}; an arm's own win)")
 
@@ -729,7 +734,8 @@ Arms:
 
 # ------------------------------------------------------------------------------ main
 
-def study_parser(description: str, doc: str, steps: int) -> argparse.ArgumentParser:
+def study_parser(description: str, doc: str, steps: int,
+                 regime: str = DEFAULT_REGIME) -> argparse.ArgumentParser:
   """The flags every study script shares (this one and ablation.py)."""
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--seeds", default="0,1,2")
@@ -742,7 +748,7 @@ def study_parser(description: str, doc: str, steps: int) -> argparse.ArgumentPar
   parser.add_argument("--builder_config", default="default")
   parser.add_argument("--data_dir", default=os.environ.get("MASHVLM_DATA_DIR", "./data_cache"))
   parser.add_argument("--doc", default=str(ROOT / "docs" / doc))
-  parser.add_argument("--regime", default="readme", choices=sorted(REGIMES),
+  parser.add_argument("--regime", default=regime, choices=sorted(REGIMES),
                       help="testbed settings under every arm's overrides (REGIMES); one "
                            "--root per regime")
   parser.add_argument("--render_only", action="store_true",

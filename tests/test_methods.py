@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_config
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import methods  # noqa: E402
@@ -166,7 +166,7 @@ def test_arms_that_fine_tune_and_that_only_evaluate(tmp_path):
 
 def test_a_finished_run_of_other_settings_is_refused(tmp_path):
   arm = methods.ARMS["mash@p0.125"]
-  args = argparse.Namespace(steps=0, regime="readme")
+  args = argparse.Namespace(steps=0, regime="shortcut")
   same = {"overrides": dict(arm.overrides), "steps": 1500}
   assert methods.check_finished(arm, same, tmp_path / "result.json", args) is same
   older = {"overrides": {"ablation": "mash"}, "steps": 1500}
@@ -174,22 +174,24 @@ def test_a_finished_run_of_other_settings_is_refused(tmp_path):
     methods.check_finished(arm, older, tmp_path / "result.json", args)
   with pytest.raises(SystemExit, match=r"steps 50\)"):
     methods.check_finished(arm, same, tmp_path / "result.json",
-                           argparse.Namespace(steps=50, regime="readme"))
+                           argparse.Namespace(steps=50, regime="shortcut"))
   # tuples in the overrides are lists in the result file: the same settings
   haca = methods.ARMS["mash+haca"]
-  stored = json.loads(json.dumps({"overrides": haca.overrides, "steps": 500}))
+  stored = json.loads(json.dumps({"overrides": methods.effective_overrides(haca, "shortcut"),
+                                  "steps": 500}))
   assert stored["overrides"]["data.train_tasks"] == ["haca"]
   assert methods.check_finished(haca, stored, tmp_path / "result.json", args) is stored
-  # a run of the README regime is not the same arm under the motion regime
+  # a run of the shortcut regime is not the same arm under the motion regime
   motion = argparse.Namespace(steps=0, regime="motion")
   with pytest.raises(SystemExit, match="holds a run with overrides"):
     methods.check_finished(haca, stored, tmp_path / "result.json", motion)
 
 
 def test_regime_settings_sit_under_each_arms_own_overrides():
-  """--regime=motion: the stage-1 `mash` takes uniform negatives and 9000 steps (it is then
-  the regime arm mash@p0.9+uniformneg+steps9000's run); a fine-tuning arm keeps its 500
-  steps; the README regime changes nothing."""
+  """--regime=motion (the default): the stage-1 `mash` takes uniform negatives and 9000
+  steps (it is then the regime arm mash@p0.9+uniformneg+steps9000's run, and the README's
+  main job); a fine-tuning arm keeps its 500 steps; the shortcut regime restores the old
+  README settings, and the regime and control arms keep theirs under either regime."""
   args = argparse.Namespace(steps=0, regime="motion", builder_config="default",
                             data_dir="data_cache")
   stage1 = methods.run_config(methods.ARMS["mash"], 0, args)
@@ -198,8 +200,18 @@ def test_regime_settings_sit_under_each_arms_own_overrides():
   assert stage1.to_dict() == same.to_dict()
   tuned = methods.run_config(methods.ARMS["mash+haca"], 0, args)
   assert (tuned.total_steps, tuned.data.train_negatives) == (500, "uniform")
-  readme = methods.run_config(methods.ARMS["mash"], 0,
-                              argparse.Namespace(**dict(vars(args), regime="readme")))
-  assert (readme.total_steps, readme.data.train_negatives) == (1500, "typical")
+  readme = load_config("tiny_synthetic")
+  assert (readme.total_steps, readme.data.train_negatives) == (9000, "uniform")
+  assert stage1.to_dict() == dict(readme.to_dict(), data=dict(
+      readme.data.to_dict(), builder_config="default", data_dir="data_cache"),
+      keep_checkpoints=1, log_every=50, checkpoint_every=500)
+  shortcut = argparse.Namespace(**dict(vars(args), regime="shortcut"))
+  old = methods.run_config(methods.ARMS["mash"], 0, shortcut)
+  assert (old.total_steps, old.data.train_negatives) == (1500, "typical")
+  for name in ("mash@p0.9", "mash@p0.125+uniformneg", "mash@p0.9+uniformneg+steps9000"):
+    under = [methods.run_config(methods.ARMS[name], 0, a).to_dict() for a in (args, shortcut)]
+    assert under[0] == under[1], name
+  control = methods.run_config(methods.ARMS["mash@p0.125+uniformneg"], 0, args)
+  assert (control.total_steps, control.data.train_negatives) == (1500, "uniform")
   with pytest.raises(SystemExit, match="unknown --regime"):
     methods.effective_overrides(methods.ARMS["mash"], "quiet")
