@@ -160,14 +160,15 @@ def main(argv=None):
   log.info("runs: %s x seeds %s", order, seeds)
   t0 = time.perf_counter()
   prior = sum(r.get("train_s", 0) + r.get("eval_s", 0)
-              for runs in methods.collect(args.root, order, seeds).values() for r in runs)
+              for runs in methods.collect(args.root, order, seeds, args.eval_items).values()
+              for r in runs)
   if not args.render_only:
     for seed in seeds:
       for name in order:
         methods.run_one(methods.ARMS[name], seed, args)
-        write_doc(args, methods.collect(args.root, order, seeds), order, seeds,
-                  prior + time.perf_counter() - t0)
-  write_doc(args, methods.collect(args.root, order, seeds), order, seeds,
+        write_doc(args, methods.collect(args.root, order, seeds, args.eval_items), order,
+                  seeds, prior + time.perf_counter() - t0)
+  write_doc(args, methods.collect(args.root, order, seeds, args.eval_items), order, seeds,
             prior + time.perf_counter() - t0)
   print(pathlib.Path(args.doc).read_text())
 

@@ -1,7 +1,7 @@
 """The method-comparison study on the synthetic testbed: one harness for every arm.
 
     python benchmarks/methods.py --arms=baseline,mash --seeds=0,1,2 \
-        --root=/tmp/mashvlm_methods --doc=docs/methods.md [--steps=N] [--eval_items=48]
+        --root=/tmp/mashvlm_methods --doc=docs/methods.md [--steps=N] [--eval_items=0]
 
 An arm is data (``ARMS``): a name, config overrides of configs/tiny_synthetic.py (dotted
 keys; ``ablation`` picks a preset of mashvlm_jax/config_lib.py), optionally the arm it
@@ -330,7 +330,18 @@ def check_finished(arm: Arm, result: dict, path, args) -> dict:
     raise SystemExit(f"{path} holds a run with overrides {stored[0]} and {stored[1]} steps; "
                      f"arm {arm.name} now means {wanted[0]} (steps {wanted[1]}): move the "
                      f"old run away or use another --root")
+  check_scored_items(result, path, args.eval_items)
   return result
+
+
+def check_scored_items(result: dict, path, eval_items: int) -> None:
+  """A result scored on another number of clips per split is never tabulated as this one's."""
+  scored = result.get("eval_items")
+  if scored != eval_items:
+    raise SystemExit(f"{path} was scored on {scored or 'all'} clips per test split, not "
+                     f"{eval_items or 'all'} (--eval_items={eval_items}): pass "
+                     f"--eval_items={scored}, or move the run's eval/ and result.json away "
+                     f"to score it again")
 
 
 def run_one(arm: Arm, seed: int, args) -> dict:
@@ -478,14 +489,17 @@ def evaluate_parent(arm: Arm, seed: int, args, done: pathlib.Path) -> dict:
   return write_result(done, result)
 
 
-def collect(root, arm_names, seeds) -> dict:
-  """arm name -> finished run results (only the requested seeds)."""
+def collect(root, arm_names, seeds, eval_items: int) -> dict:
+  """arm name -> finished run results (only the requested seeds), each scored on
+  ``eval_items`` clips per split (0: all)."""
   out = {}
   for name in arm_names:
     for seed in seeds:
       path = run_dir(root, name, seed) / "result.json"
       if path.exists():
-        out.setdefault(name, []).append(json.loads(path.read_text()))
+        result = json.loads(path.read_text())
+        check_scored_items(result, path, eval_items)
+        out.setdefault(name, []).append(result)
   return out
 
 
@@ -743,8 +757,9 @@ def study_parser(description: str, doc: str, steps: int,
                       help="runs and results (outside the repository)")
   parser.add_argument("--steps", type=int, default=steps,
                       help="training steps of every run (0: each arm's config)")
-  parser.add_argument("--eval_items", type=int, default=48,
-                      help="clips per test split (0 = all)")
+  parser.add_argument("--eval_items", type=int, default=0,
+                      help="clips per test split (0 = all: 56 per action on unusual clips; "
+                           "the first 48 are not balanced by action)")
   parser.add_argument("--builder_config", default="default")
   parser.add_argument("--data_dir", default=os.environ.get("MASHVLM_DATA_DIR", "./data_cache"))
   parser.add_argument("--doc", default=str(ROOT / "docs" / doc))
@@ -791,8 +806,10 @@ def main(argv=None):
                  "%.0fs", arm.name, seed, result["binary"]["average"],
                  result["labels"]["accuracy"].get("test_unusual/action"),
                  result["labels"]["hallucinated_action_rate"], time.perf_counter() - t)
-        write_doc(args, arms, seeds, collect(args.root, [a.name for a in arms], seeds))
-  write_doc(args, arms, seeds, collect(args.root, [a.name for a in arms], seeds))
+        write_doc(args, arms, seeds, collect(args.root, [a.name for a in arms], seeds,
+                                              args.eval_items))
+  write_doc(args, arms, seeds, collect(args.root, [a.name for a in arms], seeds,
+                                              args.eval_items))
   print(pathlib.Path(args.doc).read_text())
 
 

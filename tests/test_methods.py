@@ -166,25 +166,37 @@ def test_arms_that_fine_tune_and_that_only_evaluate(tmp_path):
 
 def test_a_finished_run_of_other_settings_is_refused(tmp_path):
   arm = methods.ARMS["mash@p0.125"]
-  args = argparse.Namespace(steps=0, regime="shortcut")
-  same = {"overrides": dict(arm.overrides), "steps": 1500}
+  args = argparse.Namespace(steps=0, regime="shortcut", eval_items=48)
+  same = {"overrides": dict(arm.overrides), "steps": 1500, "eval_items": 48}
   assert methods.check_finished(arm, same, tmp_path / "result.json", args) is same
-  older = {"overrides": {"ablation": "mash"}, "steps": 1500}
+  older = {"overrides": {"ablation": "mash"}, "steps": 1500, "eval_items": 48}
   with pytest.raises(SystemExit, match="holds a run with overrides"):
     methods.check_finished(arm, older, tmp_path / "result.json", args)
   with pytest.raises(SystemExit, match=r"steps 50\)"):
     methods.check_finished(arm, same, tmp_path / "result.json",
-                           argparse.Namespace(steps=50, regime="shortcut"))
+                           argparse.Namespace(steps=50, regime="shortcut", eval_items=48))
   # tuples in the overrides are lists in the result file: the same settings
   haca = methods.ARMS["mash+haca"]
   stored = json.loads(json.dumps({"overrides": methods.effective_overrides(haca, "shortcut"),
-                                  "steps": 500}))
+                                  "steps": 500, "eval_items": 48}))
   assert stored["overrides"]["data.train_tasks"] == ["haca"]
   assert methods.check_finished(haca, stored, tmp_path / "result.json", args) is stored
   # a run of the shortcut regime is not the same arm under the motion regime
-  motion = argparse.Namespace(steps=0, regime="motion")
+  motion = argparse.Namespace(steps=0, regime="motion", eval_items=48)
   with pytest.raises(SystemExit, match="holds a run with overrides"):
     methods.check_finished(haca, stored, tmp_path / "result.json", motion)
+  # a run scored on the first 48 clips is not one scored on the whole split, in a rerun or
+  # in a rendered table
+  whole = argparse.Namespace(steps=0, regime="shortcut", eval_items=0)
+  with pytest.raises(SystemExit, match=r"scored on 48 clips per test split, not all "
+                                       r"\(--eval_items=0\): pass --eval_items=48"):
+    methods.check_finished(arm, same, tmp_path / "result.json", whole)
+  run = methods.run_dir(tmp_path, arm.name, 0)
+  run.mkdir(parents=True)
+  (run / "result.json").write_text(json.dumps(dict(same, seed=0)))
+  assert methods.collect(tmp_path, [arm.name], [0], 48)[arm.name][0]["seed"] == 0
+  with pytest.raises(SystemExit, match="scored on 48 clips per test split, not all"):
+    methods.collect(tmp_path, [arm.name], [0], 0)
 
 
 def test_regime_settings_sit_under_each_arms_own_overrides():
