@@ -809,7 +809,7 @@ def main(argv=None):
         write_doc(args, arms, seeds, collect(args.root, [a.name for a in arms], seeds,
                                               args.eval_items))
   write_doc(args, arms, seeds, collect(args.root, [a.name for a in arms], seeds,
-                                              args.eval_items))
+                                        args.eval_items))
   print(pathlib.Path(args.doc).read_text())
 
 
