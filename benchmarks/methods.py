@@ -684,7 +684,8 @@ def regime_text(args) -> str:
   """Words for the document: the regime's settings."""
   settings = REGIMES[args.regime]
   return (f" over the `{args.regime}` regime's settings "
-          f"({', '.join(f'{k}={v}' for k, v in settings.items())}; an arm's own win)")
+          f"({', '.join(f'{k}={v}' for k, v in settings.items())}, where the arm sets "
+          f"none of its own)")
 
 
 def write_doc(args, arms: list[Arm], seeds: list, results: dict) -> None:
