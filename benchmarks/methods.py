@@ -796,7 +796,8 @@ def main(argv=None):
   unknown = [a for a in args.arms.split(",") if a not in ARMS]
   if unknown:
     raise SystemExit(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
-  arms = [ARMS[a] for a in args.arms.split(",")]
+  names = args.arms.split(",")
+  arms = [ARMS[a] for a in names]
   seeds = [int(s) for s in args.seeds.split(",")]
   if not args.render_only:
     for seed in seeds:  # seed-major: every arm gets seed 0 before any gets seed 1
@@ -807,10 +808,8 @@ def main(argv=None):
                  "%.0fs", arm.name, seed, result["binary"]["average"],
                  result["labels"]["accuracy"].get("test_unusual/action"),
                  result["labels"]["hallucinated_action_rate"], time.perf_counter() - t)
-        write_doc(args, arms, seeds, collect(args.root, [a.name for a in arms], seeds,
-                                              args.eval_items))
-  write_doc(args, arms, seeds, collect(args.root, [a.name for a in arms], seeds,
-                                        args.eval_items))
+        write_doc(args, arms, seeds, collect(args.root, names, seeds, args.eval_items))
+  write_doc(args, arms, seeds, collect(args.root, names, seeds, args.eval_items))
   print(pathlib.Path(args.doc).read_text())
 
 

@@ -125,7 +125,7 @@ def get_config(arg=None):
   # Training (mashvlm train): the testbed's motion regime (docs/methods.md, "The chosen
   # regime"): with uniform negatives and 9000 steps the model reads motion when the scene
   # gives no shortcut, so what it does at typical_prob 0.9 is the bias, not an inability.
-  # About 40 minutes on 2 CPU cores; total_steps=1500 with train_negatives=typical (the
+  # 45 minutes on 2 busy CPU cores (README); total_steps=1500 with train_negatives=typical (the
   # `shortcut` regime) is the 4-minute job of the README until 2026-12-01.
   config.total_steps = 9000
   config.checkpoint_every = 500
