@@ -450,6 +450,11 @@ def tpl_rows(arm: Arm, seed: int, args) -> pathlib.Path:
 
 
 def write_result(done: pathlib.Path, result: dict) -> dict:
+  """Writes a run's result atomically, with the code that wrote it ("written_by": git
+  commit and library versions; the code that trained each segment is in the run's
+  segments.jsonl)."""
+  from mashvlm_jax import provenance
+  result = dict(result, written_by=provenance.code_version())
   tmp = done.with_suffix(".tmp")
   tmp.write_text(json.dumps(result, indent=2) + "\n")
   tmp.rename(done)  # a result file exists only for a finished, scored run

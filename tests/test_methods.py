@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
+from mashvlm_jax import provenance
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import methods  # noqa: E402
@@ -102,6 +103,11 @@ def test_arms_that_fine_tune_and_that_only_evaluate(tmp_path):
              for name in ("mash", "mash+mix")}
   assert results["mash+mix"]["parent"] == "mash"
   assert all(r["steps"] == 3 for r in results.values())
+  # each result names the code that wrote it; each training run, the code of each segment
+  assert {r["written_by"]["git_commit"] for r in results.values()} == {
+      provenance.code_version()["git_commit"]}
+  segments = (runs / "mash+mix" / "seed0" / "segments.jsonl").read_text().splitlines()
+  assert [json.loads(l)["start_step"] for l in segments] == [0]
   # the fine-tuning run started from the stage-1 run's parameters, with its own step count
   tuned = json.loads((runs / "mash+mix" / "seed0" / "config.json").read_text())
   assert tuned["init_from"] == str(runs / "mash" / "seed0")

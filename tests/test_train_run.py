@@ -2,6 +2,7 @@
 SIGTERM, an 8-device fsdp x tensor mesh, and 2 processes on 127.0.0.1 against 1 process."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from mashvlm_jax import provenance
 
 SMALL = ["--config.total_steps={steps}", "--config.checkpoint_every={every}",
          "--config.log_every=1", "--config.data.batch_size=4", "--config.data.text_len=24",
@@ -102,6 +104,15 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path, data_dir):
   out = run_cli("train", *train_args(killed, steps, every), data_dir=data_dir)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from" in out.stderr
+  resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", out.stderr).group(1))
+
+  # segments.jsonl: one line per start, each naming the step it started from and the code
+  segments = [json.loads(l) for l in (killed / "segments.jsonl").read_text().splitlines()]
+  assert [s["start_step"] for s in segments] == [0, resumed_at] and resumed_at > 0
+  code = provenance.code_version()
+  assert all(s["code"]["git_commit"] == code["git_commit"] and s["total_steps"] == steps
+             for s in segments)
+  assert len((straight / "segments.jsonl").read_text().splitlines()) == 1
 
   # metrics.jsonl: each step once, in order (lines the killed run logged after its last
   # checkpoint were dropped on resume, not duplicated)

@@ -10,6 +10,8 @@ Workdir layout:
   model_config.json     the model config (export-torch and evaluators read it)
   vocabulary.json       the tokenizer's fingerprint and size: a resumed run, a fine-tuning
                         run (init_from) and evaluation refuse other token ids
+  segments.jsonl        one line per start (a resume adds one): the step it started from,
+                        the time, the processes and devices, and the code (provenance.py)
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from mashvlm_jax import paths
+from mashvlm_jax import paths, provenance
 from mashvlm_jax.model import action_token as action_lib
 from mashvlm_jax.model import mashvlm
 from mashvlm_jax.model.config import ModelConfig
@@ -354,6 +356,21 @@ def drop_lines_after(path: epath.Path, step: int) -> None:
            len(lines) - len(kept), step)
 
 
+SEGMENTS_FILE = "segments.jsonl"
+
+
+def record_segment(workdir: epath.Path, start_step: int, total_steps: int) -> None:
+  """Appends one line to ``segments.jsonl`` for this start of training: the step it starts
+  from, the time, the processes and devices, and the code (git commit, library versions).
+  A resumed run thus says which code trained which steps."""
+  line = {"start_step": start_step, "total_steps": total_steps,
+          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+          "processes": jax.process_count(), "devices": jax.device_count(),
+          "platform": jax.devices()[0].platform, "code": provenance.code_version()}
+  with (workdir / SEGMENTS_FILE).open("a") as f:
+    f.write(json.dumps(line, sort_keys=True) + "\n")
+
+
 class MetricsLogger:
   """JSONL + TensorBoard + console progress bar, written by process 0 only."""
 
@@ -487,6 +504,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       donate_argnums=(0,))
 
   start = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    record_segment(workdir, start, total)
   logger = MetricsLogger(workdir, total, start)
   fingerprints = (workdir / "batches.jsonl").open("a") if (
       config.get("log_batch_fingerprints", False) and jax.process_index() == 0) else None
