@@ -1,7 +1,9 @@
 """Text-length buckets (data/buckets.py): the bucket rule and planner by hand, one bucket
 per batch at its length, an epoch's rows equal to the unbucketed epoch's, exact resume
-mid-stream (the iterator, and the state the trainer checkpoints), processes agreeing on every step's bucket, and the
-trainer's padded_share against a count from the batches."""
+mid-stream (the iterator, and the state the trainer checkpoints), processes agreeing on
+every step's bucket, the trainer's padded_share against a count from the batches, and the
+text index the planner reads (record by record against the data set; the same batches
+without it)."""
 import hashlib
 import json
 
@@ -177,3 +179,74 @@ def test_trainer_logs_padded_share_and_saves_an_exact_data_state(config, tmp_pat
   resumed, _ = take(cfg, 3, seed=int(cfg.seed),
                     state=checkpoint.decode_data_state(saved.read_text()))
   assert same(resumed, batches[4:])
+
+
+def test_text_index_holds_each_record_without_its_video(config):
+  from mashvlm_jax.data import registry, text_index
+  b = registry.built_builder(config)
+  for split in sorted(b.info.splits):
+    index = registry.text_source(config, split)
+    source = registry.data_source(config, split, video=False)
+    assert isinstance(index, text_index.TextIndexSource) and len(index) == len(source)
+    for i in range(len(source)):
+      raw, stored = source[i], index[i]
+      assert stored["video"] == b"" and len(raw["video"]) > 0  # the data set's zlib bytes
+      want, got = pipeline.decode_record(raw), pipeline.decode_record(stored)
+      del want["video"], got["video"]
+      assert got == want, (split, i)
+    assert [pipeline.record_header(r) for r in index.__getitems__([2, 0])] == [
+        pipeline.record_header(source[2]), pipeline.record_header(source[0])]
+
+
+def test_bucketed_batches_read_the_index_and_equal_those_without_it(config, monkeypatch,
+                                                                   caplog):
+  from mashvlm_jax.data import registry, text_index
+  cfg = with_buckets(config)
+  original = registry.data_source
+
+  def no_text_reads(config, split, *, video=True):
+    assert video, "the planner read the data set's records for their text"
+    return original(config, split, video=video)
+  monkeypatch.setattr(registry, "data_source", no_text_reads)
+  indexed, _ = take(cfg, 6, seed=4)
+  monkeypatch.setattr(registry, "data_source", original)
+
+  b = registry.built_builder(config)
+  header = text_index.header_path(b.data_path, "train")
+  saved = header.read_text()
+  try:
+    stale = json.loads(saved)
+    stale["shards"][0][1] += 1  # as if the data set had been rebuilt since
+    header.write_text(json.dumps(stale))
+    with caplog.at_level("WARNING", logger="mashvlm.data"):
+      unindexed, _ = take(cfg, 6, seed=4)
+    assert "no text index for split 'train'" in caplog.text and "indexes shards" in caplog.text
+    assert same(indexed, unindexed)
+    registry.ensure_built(config)  # rewrites the stale index
+    assert text_index.stale_reason(b, "train") is None and header.read_text() == saved
+  finally:
+    header.write_text(saved)
+
+
+def test_a_data_set_that_cannot_be_written_to_trains_without_an_index(config, monkeypatch,
+                                                                       caplog):
+  from mashvlm_jax.data import registry, text_index
+  b = registry.built_builder(config)
+  header = text_index.header_path(b.data_path, "test_unusual")
+  saved = header.read_text()
+  header.unlink()
+
+  def read_only(builder, split, source):
+    raise PermissionError(13, "Permission denied", str(text_index.index_path(
+        builder.data_path, split)))
+  monkeypatch.setattr(text_index, "write", read_only)
+  try:
+    with caplog.at_level("WARNING", logger="mashvlm.data"):
+      registry.ensure_built(config)
+    assert "could not write the text index of split 'test_unusual'" in caplog.text
+    assert "Permission denied" in caplog.text
+    assert not isinstance(registry.text_source(config, "test_unusual"),
+                          text_index.TextIndexSource)
+  finally:
+    header.write_text(saved)
+  assert isinstance(registry.text_source(config, "test_unusual"), text_index.TextIndexSource)

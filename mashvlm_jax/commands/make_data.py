@@ -2,8 +2,9 @@
 
 ``mashvlm make-data --config=configs/NAME.py[:ARGS] [--overwrite]`` builds
 ``config.data.name`` (the synthetic UNSCENE set, or users' annotated videos) unless it is
-already complete, then prints where it is, the split sizes, the tokenizer and any skipped
-records. A build that fails leaves nothing behind.
+already complete (and writes each split's text index if missing), then prints where it
+is, the split sizes, the tokenizer and any skipped records. A build that fails leaves
+nothing behind.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the data set
 
 def main(argv):
   del argv
-  from mashvlm_jax.data import builders, registry
+  from mashvlm_jax.data import builders, registry, text_index
 
   config = flags.FLAGS.config
   if config is None:
@@ -38,6 +39,8 @@ def main(argv):
         f"({time.perf_counter() - t0:.1f}s)")
   for split, info in sorted(b.info.splits.items()):
     print(f"  {split:<16} {info.num_examples:>7} examples")
+  print(f"  text index (records without video, read by the bucket planner): "
+        f"{text_index.index_path(b.data_path, '<split>').name}")
   for split, rep in sorted(getattr(b, "report", {}).items()):
     if rep.get("tracks"):  # UTR query rows (tasks/utr.py): their share of the records
       share, target = rep["tracks"] / max(1, rep["written"]), float(

@@ -20,10 +20,8 @@ same shapes in the same order; process p then builds only rows p, p + P, ... of 
 global batch (the rule the unbucketed pipeline uses too), so the union of the processes'
 local batches is the single-host batch. The planner needs every row's token count, not
 just its own rows': each process reads the *text* of every record of the global stream
-(``registry.data_source(..., video=False)``: the video feature is read but not
-decoded) and tokenises it; frames, the costly part, are made only for its own rows. On a
-pod this multiplies the record reads by the process count (not the frame work): a
-per-record token-count index written at build time would remove it.
+(``registry.text_source``: the split's text index, which holds no video) and tokenises
+it; frames, the costly part, are made only for its own rows.
 
 Resume. The planner's state (next stream position, the queued positions, global batches
 planned so far) is a small JSON dict; the iterator's ``get_state`` after k batches

@@ -84,8 +84,7 @@ HEADER_FIELDS = ("id", "source", "task", "kind", "action", "scene")
 
 def record_header(raw: dict) -> dict:
   """A data-source example's text fields (``HEADER_FIELDS``) as ``str``: all a reader of
-  ids and tasks needs, from a source read with ``registry.data_source(..., video=False)``
-  too."""
+  ids and tasks needs, from ``registry.text_source`` too."""
   return {k: _text(raw[k]) for k in HEADER_FIELDS}
 
 
@@ -270,7 +269,7 @@ def make_dataset(config, split: str, *, process_index=None, process_count=None, 
   ds = walk(ds, transform)
   if buckets:
     # The same walk over the records' text gives every row's token count (buckets.py).
-    text_only = registry.data_source(config, split, video=False)
+    text_only = registry.text_source(config, split)
     text = row_filter.apply(grain.MapDataset.source(text_only), config, split)
     lengths = walk(text, buckets_lib.TextLength(transform, decode_record))
     stream_len = None if num_epochs is None else len(ds) - len(ds) % d.batch_size

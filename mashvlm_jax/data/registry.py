@@ -2,7 +2,8 @@
 
 ``ensure_built(config)`` builds the configured data set when it is not on disk yet (the
 training command calls it, so a fresh machine trains on the first run);
-``mashvlm make-data`` calls it explicitly.
+``mashvlm make-data`` calls it explicitly. Either also writes each split's text index
+(text_index.py) when missing; ``text_source`` reads it.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import json
 import logging
 import os
 import pathlib
+import time
 
 from mashvlm_jax import paths
-from mashvlm_jax.data import builders, storage
+from mashvlm_jax.data import builders, storage, text_index
 from mashvlm_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger("mashvlm.data")
@@ -125,6 +127,7 @@ def ensure_built(config, overwrite: bool = False):
   with tfds_quiet():
     b = builder(config)
     if b.is_prepared() and not overwrite:
+      write_text_indexes(config, b)
       return b
     tfds.disable_progress_bar()  # the builders report instead (builders.BuildReport)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if not overwrite
@@ -132,8 +135,30 @@ def ensure_built(config, overwrite: bool = False):
     b.download_and_prepare(file_format="array_record",
                            download_config=tfds.download.DownloadConfig(download_mode=mode))
     fresh = builder(config)  # a fresh instance reads the finished directory's metadata
+  write_text_indexes(config, fresh)
   fresh.report = getattr(b, "report", {})
   return fresh
+
+
+def write_text_indexes(config, b) -> None:
+  """Writes the text index (text_index.py) of each split of the built ``b`` that has none
+  matching it: one pass over the split's records, once per data set. A data set that
+  cannot be written to (a read-only mount) keeps working without one, with a warning."""
+  for split in sorted(b.info.splits):
+    reason = text_index.stale_reason(b, split)
+    if reason is None:
+      continue
+    log.info("writing the text index of split %r (%s)", split, reason)
+    t0 = time.perf_counter()
+    try:
+      header = text_index.write(b, split, data_source(config, split, video=False))
+    except OSError as e:
+      log.warning("could not write the text index of split %r in %s (%s): the bucket "
+                  "planner will read the text from the data set, video bytes included",
+                  split, b.data_path, e)
+      continue
+    log.info("wrote %s (%d records, %.1fs)", header, b.info.splits[split].num_examples,
+             time.perf_counter() - t0)
 
 
 @contextlib.contextmanager
@@ -174,6 +199,15 @@ def data_source(config, split: str, *, video: bool = True):
     return b.as_data_source(split=split)
   import tensorflow_datasets as tfds
   return b.as_data_source(split=split, decoders={"video": tfds.decode.SkipDecoding()})
+
+
+def text_source(config, split: str):
+  """The split's records for readers of their text and ids only (the bucket planner,
+  record scans): its text index (text_index.py), which holds no video, when the data set
+  has a matching one, else ``data_source(config, split, video=False)``. Items are the
+  same dicts either way, except ``video`` (b"" from the index, undecoded bytes else)."""
+  index = text_index.open_source(built_builder(config), split)
+  return index if index is not None else data_source(config, split, video=False)
 
 
 def load_tokenizer(config) -> tokenizer_lib.Tokenizer:

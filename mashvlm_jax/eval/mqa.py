@@ -224,7 +224,7 @@ def epic_records(config, splits, max_items: int = 0) -> list[tuple[str, int, dic
   out = []
   for split in splits:
     found = epic_annotations(config, split)
-    source = registry.data_source(config, split, video=False)  # ids and tasks only
+    source = registry.text_source(config, split)  # ids and tasks only
     picked, tasks = [], collections.Counter()
     for index in range(len(source)):
       record = pipeline.record_header(source[index])
