@@ -135,17 +135,18 @@ def ensure_built(config, overwrite: bool = False):
     b.download_and_prepare(file_format="array_record",
                            download_config=tfds.download.DownloadConfig(download_mode=mode))
     fresh = builder(config)  # a fresh instance reads the finished directory's metadata
-  write_text_indexes(config, fresh)
+  write_text_indexes(config, fresh, rewrite=True)  # a rebuild may hold other records
   fresh.report = getattr(b, "report", {})
   return fresh
 
 
-def write_text_indexes(config, b) -> None:
+def write_text_indexes(config, b, rewrite: bool = False) -> None:
   """Writes the text index (text_index.py) of each split of the built ``b`` that has none
-  matching it: one pass over the split's records, once per data set. A data set that
-  cannot be written to (a read-only mount) keeps working without one, with a warning."""
+  matching it (every split with ``rewrite``, after a build): one pass over the split's
+  records, once per data set. A data set that cannot be written to (a read-only mount)
+  keeps working without one, with a warning."""
   for split in sorted(b.info.splits):
-    reason = text_index.stale_reason(b, split)
+    reason = "the data set was just built" if rewrite else text_index.stale_reason(b, split)
     if reason is None:
       continue
     log.info("writing the text index of split %r (%s)", split, reason)
