@@ -6,8 +6,9 @@
 An arm is data (``ARMS``): a name, config overrides of configs/tiny_synthetic.py (dotted
 keys; ``ablation`` picks a preset of mashvlm_jax/config_lib.py), optionally the arm it
 fine-tunes from (that arm's run of the same seed: its final parameters, a fresh optimizer,
-the step counter at 0), evaluation-time options, and the reference arm it is compared
-with. A method adds entries here, not code paths.
+the step counter at 0), evaluation-time options, the reference arm it is compared with,
+and, for the one-seed search arms, the seeds it runs. A method adds entries here, not code
+paths.
 
 Every run writes ``<root>/<arm>/seed<k>/result.json`` when it is finished and scored; a
 rerun skips finished runs, resumes an interrupted one from its checkpoint, and never
@@ -53,6 +54,15 @@ class Arm:
   tpl_from: str | None = None  # train on the rows data.row_filter keeps of this run's TPL
   group: str = "MASH-VLM ablations (paper Tables 5-7)"
   about: str = ""
+  # The seeds this arm runs, of those requested (None: all of them). The search arms (the
+  # shortcut regime and what made the control read motion) ran seed 0: a search for
+  # settings, not a comparison.
+  seeds: tuple | None = None
+
+
+def arm_seeds(arm: Arm, seeds) -> list[int]:
+  """The requested ``seeds`` that ``arm`` runs."""
+  return [s for s in seeds if arm.seeds is None or s in arm.seeds]
 
 
 PREFERRED_NAMES = ("baseline", "mash")  # of presets with several names in ABLATIONS
@@ -121,7 +131,8 @@ def _regime_arms() -> list[Arm]:
         arms.append(Arm(f"{preset}@p{prob}{tag}",
                         {"ablation": preset, "data.typical_prob": prob, **settings},
                         reference=None if preset == "baseline" else f"baseline@p{prob}{tag}",
-                        group=group, about=f"`{preset}`, typical_prob {prob}"))
+                        group=group, about=f"`{preset}`, typical_prob {prob}",
+                        seeds=(0,) if settings is SHORTCUT_SETTINGS else None))
   return arms
 
 
@@ -143,7 +154,7 @@ CONTROL_VARIANTS = {
 def _control_arms() -> list[Arm]:
   return [Arm(f"mash@p0.125+{name}", dict(CONTROL, **overrides), reference="mash@p0.125",
               group="Making motion learnable in the control (typical_prob 0.125)",
-              about=f"`mash@p0.125` with {what}")
+              about=f"`mash@p0.125` with {what}", seeds=(0,))
           for name, (overrides, what) in CONTROL_VARIANTS.items()]
 
 
@@ -695,9 +706,9 @@ def regime_text(args) -> str:
 
 def write_doc(args, arms: list[Arm], seeds: list, results: dict) -> None:
   doc = pathlib.Path(args.doc)
-  missing = [f"{a.name}/seed{s}" for s in seeds for a in arms
-             if not any(r["seed"] == s for r in results.get(a.name, []))]
-  total = len(arms) * len(seeds)
+  missing = [f"{a.name}/seed{s}" for s in seeds for a in arms if s in arm_seeds(a, seeds)
+             and not any(r["seed"] == s for r in results.get(a.name, []))]
+  total = sum(len(arm_seeds(a, seeds)) for a in arms)
   status = ("complete" if not missing else
             f"**PARTIAL: {total - len(missing)} of {total} runs finished; missing: "
             f"{', '.join(missing[:12])}"
@@ -715,7 +726,9 @@ def write_doc(args, arms: list[Arm], seeds: list, results: dict) -> None:
       + (f"; fine-tuned from `{a.parent}` of the same seed" if a.parent and a.train else "")
       + (f"; evaluates the `{a.parent}` run of the same seed, no training"
          if a.parent and not a.train else "")
-      + (f"; compared with `{a.reference}`" if a.reference else "") for a in arms)
+      + (f"; compared with `{a.reference}`" if a.reference else "")
+      + (f"; seed {', '.join(map(str, a.seeds))} only (a search)" if a.seeds else "")
+      for a in arms)
   text = f"""# Method-comparison study on the synthetic testbed
 
 Status: {status}.
@@ -807,6 +820,8 @@ def main(argv=None):
   if not args.render_only:
     for seed in seeds:  # seed-major: every arm gets seed 0 before any gets seed 1
       for arm in arms:
+        if seed not in arm_seeds(arm, seeds):
+          continue
         t = time.perf_counter()
         result = run_one(arm, seed, args)
         log.info("%s seed %d: UNSCENE avg %s, action probe (unusual) %s, hallucinated %s, "

@@ -233,3 +233,25 @@ def test_regime_settings_sit_under_each_arms_own_overrides():
   assert (control.total_steps, control.data.train_negatives) == (1500, "uniform")
   with pytest.raises(SystemExit, match="unknown --regime"):
     methods.effective_overrides(methods.ARMS["mash"], "quiet")
+
+
+def test_search_arms_run_seed_0_only_and_are_not_counted_missing(tmp_path):
+  """The shortcut-regime and control-search arms ran one seed by design: a study's --seeds
+  runs and counts only seed 0 of them; every other arm runs every seed."""
+  search, full = methods.ARMS["mash@p0.125+uniformneg"], methods.ARMS["mash"]
+  assert methods.arm_seeds(search, [0, 1, 2]) == [0] and methods.arm_seeds(search, [1]) == []
+  assert methods.arm_seeds(methods.ARMS["mash@p0.125"], [0, 1]) == [0]
+  assert methods.arm_seeds(full, [0, 1, 2]) == [0, 1, 2]
+  assert methods.arm_seeds(methods.ARMS["mash@p0.125+uniformneg+steps9000"], [0, 2]) == [0, 2]
+  result = {"seed": 0, "steps": 10, "train_s": 1.0, "eval_s": 1.0, "eval_items": 0,
+            "train_metrics": {"loss": 0.5},
+            "binary": {"average": 50.0, "columns": dict.fromkeys(
+                ("Scene-only Action", "Unusual Action", "Unusual Scene"), 50.0),
+                       "controls": {"Typical Action": 50.0, "Typical Scene": 50.0}},
+            "labels": {"accuracy": {}, "hallucinated_action_rate": 10.0}}
+  args = argparse.Namespace(doc=str(tmp_path / "m.md"), regime="motion", eval_items=0,
+                            argv=["python", "benchmarks/methods.py"])
+  methods.write_doc(args, [search, full], [0, 1], {search.name: [result], full.name: [result]})
+  doc = (tmp_path / "m.md").read_text()
+  assert "PARTIAL: 2 of 3 runs finished; missing: mash/seed1**" in doc
+  assert f"- `{search.name}`: `mash@p0.125` with" in doc and "seed 0 only (a search)" in doc
