@@ -111,30 +111,38 @@ class TextIndexSource:
     return f"TextIndexSource({self.path}, {self.records} records)"
 
 
+def _publish(final: epath.Path, tag: str, write) -> None:
+  """``write(tmp)`` into a private temporary file beside ``final``, then a rename onto it;
+  the temporary file never outlives the call, also when ``write`` fails."""
+  tmp = final.parent / (final.name + tag)
+  try:
+    write(tmp)
+    tmp.replace(final)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
 def write(builder, split: str, source) -> epath.Path:
   """Writes the index of ``split`` from ``source`` (the split's data source read with
   ``video=False``); returns its header path. Safe to run from several processes at once:
   each writes private temporary files and renames them into place."""
   from array_record.python.array_record_module import ArrayRecordWriter
   data_path = epath.Path(builder.data_path)
-  final, header = index_path(data_path, split), header_path(data_path, split)
   tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  tmp = final.parent / (final.name + tag)
-  writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")
-  try:
-    for start in range(0, len(source), CHUNK):
-      for raw in source.__getitems__(list(range(start, min(start + CHUNK, len(source))))):
-        writer.write(encode_record(raw))
-  except BaseException:
-    writer.close()
-    tmp.unlink(missing_ok=True)
-    raise
-  writer.close()
-  tmp.replace(final)
+
+  def write_records(tmp):
+    writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")
+    try:
+      for start in range(0, len(source), CHUNK):
+        for raw in source.__getitems__(list(range(start, min(start + CHUNK, len(source))))):
+          writer.write(encode_record(raw))
+    finally:
+      writer.close()
+
+  _publish(index_path(data_path, split), tag, write_records)
   record = {"version": VERSION, "records": len(source), "shards": shards(builder, split)}
-  tmp_header = header.parent / (header.name + tag)
-  tmp_header.write_text(json.dumps(record) + "\n")
-  tmp_header.replace(header)
+  header = header_path(data_path, split)
+  _publish(header, tag, lambda tmp: tmp.write_text(json.dumps(record) + "\n"))
   return header
 
 
